@@ -1,0 +1,25 @@
+"""tf_kfac: K-FAC, Kronecker-factored approximate natural-gradient descent, for Keras 3.
+
+    import keras, tf_kfac
+    model.compile(optimizer=tf_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=5)
+
+Importing tf_kfac routes `model.fit`'s default training step to K-FAC's for
+models compiled with a `KFAC` optimizer; every other model trains as before.
+"""
+
+from tf_kfac import _keras_internals
+from tf_kfac.losses import SUPPORTED_LOSSES
+from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC
+from tf_kfac.training import fit_train_step
+
+__version__ = "0.1.0"
+__all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__"]
+
+
+def _find_kfac(optimizer):
+    candidate = _keras_internals.unwrap_optimizer(optimizer)
+    return candidate if isinstance(candidate, KFAC) else None
+
+
+_keras_internals.install_fit_hook(fit_train_step, _find_kfac)

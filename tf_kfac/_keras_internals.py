@@ -1,0 +1,166 @@
+"""Every use of private Keras internals in tf_kfac, in one place.
+
+K-FAC needs a few things that Keras 3 does not expose publicly: a way into
+`model.fit`'s training step, the model that an optimizer is being built for,
+the layers of a model (recursively), the loss that the model was compiled with
+and the model's loss tracker. Each helper here fails loudly (with a message
+naming the Keras version) when a Keras release changes what it relies on;
+`tests/test_keras_internals.py` checks each of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+KERAS_VERSION = keras.__version__
+
+
+class KerasInternalsError(RuntimeError):
+    """Raised when a Keras internal that tf_kfac relies on has changed."""
+
+
+def _changed(what: str) -> KerasInternalsError:
+    return KerasInternalsError(
+        f"tf_kfac relies on {what}, which this Keras release ({KERAS_VERSION}) no "
+        "longer provides. Please report this with your Keras version, and pin a "
+        "Keras release that tf_kfac supports (see README.md) meanwhile."
+    )
+
+
+# --------------------------------------------------------------------------
+# The training step of `model.fit`.
+# --------------------------------------------------------------------------
+
+
+def _tensorflow_trainer_class() -> type:
+    try:
+        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.backend.tensorflow.trainer.TensorFlowTrainer") from error
+    if not callable(getattr(TensorFlowTrainer, "train_step", None)):  # pragma: no cover
+        raise _changed("TensorFlowTrainer.train_step")
+    return TensorFlowTrainer
+
+
+_ORIGINAL_TRAIN_STEP: Callable | None = None
+
+
+def install_fit_hook(kfac_train_step: Callable[[Any, Any, Any], Any], find_kfac: Callable) -> None:
+    """Routes `Model.train_step` to K-FAC's step for models compiled with K-FAC.
+
+    `model.fit` binds `model.train_step` when it builds its train function, and
+    Keras's default `train_step` is defined on `TensorFlowTrainer`. The hook
+    replaces that default with a function that calls `kfac_train_step(optimizer,
+    model, data)` when `find_kfac(model.optimizer)` returns a K-FAC optimizer,
+    and Keras's own step otherwise. Models that override `train_step` are not
+    touched (their step reaches `KFAC.apply`, which explains what to do).
+    Installing twice is harmless.
+    """
+    global _ORIGINAL_TRAIN_STEP
+    trainer = _tensorflow_trainer_class()
+    if getattr(trainer.train_step, "_tf_kfac_hook", False):
+        return
+    original = trainer.train_step
+    _ORIGINAL_TRAIN_STEP = original
+
+    def train_step(self, data):
+        optimizer = find_kfac(getattr(self, "optimizer", None))
+        if optimizer is None:
+            return original(self, data)
+        return kfac_train_step(optimizer, self, data)
+
+    train_step.__doc__ = original.__doc__
+    train_step._tf_kfac_hook = True
+    trainer.train_step = train_step
+
+
+def fit_hook_installed() -> bool:
+    return bool(getattr(_tensorflow_trainer_class().train_step, "_tf_kfac_hook", False))
+
+
+def overrides_train_step(model: keras.Model) -> bool:
+    """True when the model's class defines its own `train_step`."""
+    trainer = _tensorflow_trainer_class()
+    return type(model).train_step is not trainer.train_step
+
+
+# --------------------------------------------------------------------------
+# Finding the model an optimizer is built for.
+# --------------------------------------------------------------------------
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """Returns the optimizer inside a `LossScaleOptimizer`, or the optimizer itself."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return inner if inner is not None else optimizer
+
+
+def find_model_in_call_stack(optimizer: Any) -> keras.Model | None:
+    """The Keras model whose `optimizer` is `optimizer`, from the Python call stack.
+
+    Keras builds an optimizer from inside a method of the model that owns it
+    (`compile_from_config` when a `.keras` file is loaded, `_symbolic_build`
+    under a distribution strategy, `train_step` otherwise), so the model is the
+    `self` of a frame up the stack. Returns None when there is no such frame.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, keras.Model):
+                owned = getattr(candidate, "optimizer", None)
+                if owned is optimizer or unwrap_optimizer(owned) is optimizer:
+                    return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+# --------------------------------------------------------------------------
+# Layers, losses, loss tracker.
+# --------------------------------------------------------------------------
+
+
+def flatten_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """All layers of a model, nested ones included, in Keras's tracking order."""
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is None:  # pragma: no cover - depends on Keras
+        raise _changed("Layer._flatten_layers")
+    return list(flatten(include_self=False, recursive=True))
+
+
+def call_has_training_arg(model: keras.Model) -> bool:
+    value = getattr(model, "_call_has_training_arg", None)
+    if value is None:  # pragma: no cover - depends on Keras
+        raise _changed("Layer._call_has_training_arg")
+    return bool(value)
+
+
+def compiled_loss(model: keras.Model) -> tuple[Any, Any]:
+    """The loss and loss weights exactly as the user passed them to `compile`."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        return getattr(model, "loss", None), None
+    if not hasattr(compile_loss, "_user_loss"):  # pragma: no cover - depends on Keras
+        raise _changed("CompileLoss._user_loss")
+    return compile_loss._user_loss, getattr(compile_loss, "_user_loss_weights", None)
+
+
+def compute_loss(model: keras.Model, x, y, y_pred, sample_weight):
+    """The training objective exactly as `model.fit` computes it."""
+    compute = getattr(model, "_compute_loss", None)
+    if compute is None:  # pragma: no cover - depends on Keras
+        raise _changed("Trainer._compute_loss")
+    return compute(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def update_loss_tracker(model: keras.Model, loss, batch_size) -> None:
+    tracker = getattr(model, "_loss_tracker", None)
+    if tracker is None:  # pragma: no cover - depends on Keras
+        raise _changed("Trainer._loss_tracker")
+    tracker.update_state(loss, sample_weight=batch_size)

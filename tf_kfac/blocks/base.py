@@ -1,0 +1,195 @@
+"""The interface every curvature block shares, and the Kronecker-factored base."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_kfac.capture import LayerCall
+from tf_kfac.linalg import factored_tikhonov_inverses
+
+
+class CurvatureBlock(abc.ABC):
+    """One block of K-FAC's block-diagonal curvature approximation.
+
+    A block covers some of the model's trainable variables, owns the optimizer
+    variables that hold its curvature, updates them from one step's captured
+    tensors, and turns gradients into preconditioned updates.
+
+    Attributes:
+        kind: short name shown in the summary table.
+        name: the layer's or variable's path.
+        variables: the model variables this block preconditions.
+    """
+
+    kind: str = ""
+
+    def __init__(self, name: str, variables: Sequence[keras.Variable]):
+        self.name = name
+        self.variables = list(variables)
+
+    @property
+    def layer(self) -> keras.layers.Layer | None:
+        """The layer whose calls this block needs recorded (None: needs none)."""
+        return None
+
+    def build(self, optimizer: keras.optimizers.Optimizer) -> None:  # noqa: B027
+        """Creates the block's optimizer variables (none by default)."""
+
+    @property
+    def state(self) -> tuple[keras.Variable, ...]:
+        """The block's optimizer variables, in creation order."""
+        return ()
+
+    @abc.abstractmethod
+    def precondition(self, gradients: Sequence[tf.Tensor], inverses) -> list[tf.Tensor]:
+        """Preconditioned update directions for `gradients` (one per variable)."""
+
+    def describe(self) -> str:
+        """One line on the curvature this block keeps, for the summary table."""
+        return ""
+
+
+class FirstOrderBlock(CurvatureBlock):
+    """The documented fallback for a variable outside any Kronecker block.
+
+    Its update direction is the gradient itself (plus the L2 term): the variable
+    trains with the same learning rate, KL-clip scale and momentum as the
+    K-FAC blocks, like SGD with momentum.
+    """
+
+    kind = "first-order"
+
+    def __init__(self, variable: keras.Variable, reason: str):
+        super().__init__(variable.path, [variable])
+        self.reason = reason
+
+    def precondition(self, gradients, inverses):
+        return list(gradients)
+
+    def describe(self) -> str:
+        return self.reason
+
+
+class KroneckerBlock(CurvatureBlock):
+    """A layer s = ā·W̄ with curvature A ⊗ G (Martens & Grosse 2015).
+
+    W̄ is the kernel, reshaped to (d_in, d_out), with the bias appended as its
+    last row; ā is the layer input (or a patch of it) with a 1 appended when
+    there is a bias. A = (1/B) Σ ā āᵀ summed over positions, G = (1/B) Σ
+    (1/|T|) Σ g gᵀ averaged over positions, so that with the row-major
+    vectorisation of W̄ the Fisher block is approximately kron(A, G).
+
+    Subclasses say how a layer input becomes rows ā (`input_rows`).
+    """
+
+    def __init__(self, layer: keras.layers.Layer):
+        variables = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        super().__init__(layer.path, variables)
+        self._layer = layer
+        self.has_bias = layer.bias is not None
+        kernel_shape = tuple(layer.kernel.shape)
+        self.kernel_shape = kernel_shape
+        self.output_size = int(kernel_shape[-1])
+        self.input_size = math.prod(kernel_shape[:-1]) + int(self.has_bias)
+        self.a_factor = self.g_factor = self.a_inverse = self.g_inverse = None
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        return self._layer
+
+    def build(self, optimizer) -> None:
+        def add(shape, suffix):
+            name = f"{self.name.replace('/', '_')}_{suffix}"
+            return optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=name)
+
+        a_shape, g_shape = (self.input_size,) * 2, (self.output_size,) * 2
+        self.a_factor = add(a_shape, "kfac_A")
+        self.g_factor = add(g_shape, "kfac_G")
+        self.a_inverse = add(a_shape, "kfac_A_inverse")
+        self.g_inverse = add(g_shape, "kfac_G_inverse")
+
+    @property
+    def state(self):
+        return (self.a_factor, self.g_factor, self.a_inverse, self.g_inverse)
+
+    # --------------------------------------------------------------- rows
+    @abc.abstractmethod
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Rows (examples × positions, d_in) of the layer input, without the 1."""
+
+    def output_rows(self, preactivation_grads: tf.Tensor) -> tf.Tensor:
+        """Rows (examples × positions, d_out) of pre-activation gradients."""
+        grads = tf.cast(preactivation_grads, tf.float32)
+        return tf.reshape(grads, [-1, self.output_size])
+
+    def _rows_of_calls(self, calls: Sequence[LayerCall]) -> tf.Tensor:
+        rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
+        rows = tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
+        if self.has_bias:
+            rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
+        return rows
+
+    # ------------------------------------------------------------ factors
+    def batch_factors(
+        self,
+        calls: Sequence[LayerCall],
+        preactivation_grads: Sequence[tf.Tensor],
+        batch_size: tf.Tensor,
+        g_scale: tf.Tensor,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """This batch's A and G.
+
+        Args:
+            calls: the layer's recorded calls in this forward pass.
+            preactivation_grads: for each call, per-example gradients of the
+                (weighted) negative log-likelihood w.r.t. the pre-activation.
+            batch_size: B.
+            g_scale: factor on (1/(B·|T|)) Σ g gᵀ that gives G its scale.
+        """
+        batch = tf.cast(batch_size, tf.float32)
+        a_rows = self._rows_of_calls(calls)
+        g_rows = tf.concat([self.output_rows(g) for g in preactivation_grads], axis=0)
+        a_batch = tf.matmul(a_rows, a_rows, transpose_a=True) / batch
+        rows_per_example = tf.cast(tf.shape(g_rows)[0], tf.float32) / batch
+        g_batch = tf.matmul(g_rows, g_rows, transpose_a=True) * (
+            g_scale / (batch * rows_per_example)
+        )
+        return a_batch, g_batch
+
+    def damped_inverses(self, a_factor, g_factor, gamma):
+        return factored_tikhonov_inverses(a_factor, g_factor, gamma)
+
+    # ------------------------------------------------------ precondition
+    def gradient_matrix(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+        """∇W̄: the kernel gradient as (d_in, d_out), the bias gradient as last row."""
+        matrix = tf.reshape(tf.cast(gradients[0], tf.float32), [-1, self.output_size])
+        if self.has_bias:
+            matrix = tf.concat([matrix, tf.cast(gradients[1], tf.float32)[None, :]], axis=0)
+        return matrix
+
+    def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrix`: back to the variables' shapes and dtypes."""
+        kernel = tf.reshape(matrix[: self.input_size - int(self.has_bias)], self.kernel_shape)
+        parts = [kernel]
+        if self.has_bias:
+            parts.append(matrix[-1])
+        return [tf.cast(p, v.dtype) for p, v in zip(parts, self.variables, strict=True)]
+
+    def precondition(self, gradients, inverses):
+        a_inverse, g_inverse = inverses
+        matrix = self.gradient_matrix(gradients)
+        return self.split_matrix(tf.matmul(tf.matmul(a_inverse, matrix), g_inverse))
+
+    def dense_curvature(self, a_factor, g_factor) -> tf.Tensor:
+        """kron(A, G): the block as a dense matrix over row-major vec(W̄) (tests)."""
+        a = tf.linalg.LinearOperatorFullMatrix(tf.convert_to_tensor(a_factor))
+        g = tf.linalg.LinearOperatorFullMatrix(tf.convert_to_tensor(g_factor))
+        return tf.linalg.LinearOperatorKronecker([a, g]).to_dense()
+
+    def describe(self) -> str:
+        return f"A {self.input_size}x{self.input_size}, G {self.output_size}x{self.output_size}"

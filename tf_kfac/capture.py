@@ -1,0 +1,114 @@
+"""Capturing layer inputs and pre-activations during a K-FAC training step.
+
+Dense and Conv2D apply their activation inside `call`, so their pre-activation
+s is not a tensor of the model's graph. `wrap_layer` replaces `call` on the
+layer *instance* (Keras looks `call` up on the instance at every call) with a
+function that, only while a `Recording` is active, runs the layer's own `call`
+with the activation switched off, records the input and s, and applies the
+activation to s. Outside a recording — `predict`, `evaluate`, `model.export()`,
+any call of the user's — it is the layer's own `call`, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+
+import keras
+import tensorflow as tf
+
+_ACTIVE = threading.local()
+_WRAPPED_MARK = "_tf_kfac_original_call"
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One call of a registered layer inside a recording."""
+
+    inputs: tf.Tensor
+    preactivation: tf.Tensor
+    output: tf.Tensor
+    activation_name: str | None = None
+
+
+class Recording:
+    """The calls of the registered layers during one forward pass."""
+
+    def __init__(self, layers: Sequence[keras.layers.Layer]):
+        self._ids = {id(layer) for layer in layers}
+        self.calls: dict[int, list[LayerCall]] = {id(layer): [] for layer in layers}
+
+    def records(self, layer: keras.layers.Layer) -> bool:
+        return id(layer) in self._ids
+
+    def add(self, layer: keras.layers.Layer, call: LayerCall) -> None:
+        self.calls[id(layer)].append(call)
+
+    def of(self, layer: keras.layers.Layer) -> list[LayerCall]:
+        return self.calls[id(layer)]
+
+    def preactivations(self) -> list[tf.Tensor]:
+        return [call.preactivation for calls in self.calls.values() for call in calls]
+
+    def layer_producing(self, tensor) -> tuple[int, LayerCall] | None:
+        """The (layer id, call) whose output is `tensor` itself, if any."""
+        for layer_id, calls in self.calls.items():
+            for call in calls:
+                if call.output is tensor:
+                    return layer_id, call
+        return None
+
+
+def active_recording() -> Recording | None:
+    return getattr(_ACTIVE, "recording", None)
+
+
+@contextlib.contextmanager
+def recording(layers: Sequence[keras.layers.Layer]) -> Iterator[Recording]:
+    """Records the calls of `layers` made inside the `with` block."""
+    previous = active_recording()
+    current = Recording(layers)
+    _ACTIVE.recording = current
+    try:
+        yield current
+    finally:
+        _ACTIVE.recording = previous
+
+
+def is_wrapped(layer: keras.layers.Layer) -> bool:
+    return _WRAPPED_MARK in vars(layer)
+
+
+def wrap_layer(layer: keras.layers.Layer) -> None:
+    """Makes `layer` record its input and pre-activation inside a recording."""
+    if is_wrapped(layer):
+        return
+    original_call = layer.call
+
+    def call(inputs, *args, **kwargs):
+        current = active_recording()
+        if current is None or not current.records(layer):
+            return original_call(inputs, *args, **kwargs)
+        activation = layer.activation
+        object.__setattr__(layer, "activation", None)
+        try:
+            preactivation = original_call(inputs, *args, **kwargs)
+        finally:
+            object.__setattr__(layer, "activation", activation)
+        output = activation(preactivation) if activation is not None else preactivation
+        name = getattr(activation, "__name__", None)
+        current.add(layer, LayerCall(inputs, preactivation, output, name))
+        return output
+
+    object.__setattr__(layer, _WRAPPED_MARK, original_call)
+    object.__setattr__(layer, "call", call)
+
+
+def unwrap_layer(layer: keras.layers.Layer) -> None:
+    """Restores the layer's own `call`."""
+    if not is_wrapped(layer):
+        return
+    object.__delattr__(layer, "call")
+    object.__delattr__(layer, _WRAPPED_MARK)

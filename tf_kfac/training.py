@@ -1,0 +1,168 @@
+"""The K-FAC training step: forward, gradients, curvature statistics.
+
+One function, `curvature_step`, serves `model.fit` (through
+`fit_train_step`) and custom training loops (through `KFAC.step`). It runs
+the forward pass while the registered layers record their inputs and
+pre-activations, computes the objective's gradients, backpropagates the
+Fisher estimator's output gradients to the pre-activations, and hands the
+gradients and this batch's factors to the optimizer's update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import keras
+import tensorflow as tf
+
+from tf_kfac import _keras_internals as internals
+from tf_kfac import capture
+from tf_kfac.blocks import KroneckerBlock
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tf_kfac.optimizer import KFAC
+
+
+def _single_output(y_pred: Any) -> Any:
+    if isinstance(y_pred, dict) and len(y_pred) == 1:
+        return next(iter(y_pred.values()))
+    if isinstance(y_pred, (list, tuple)) and len(y_pred) == 1:
+        return y_pred[0]
+    return y_pred
+
+
+def _example_weights(sample_weight, batch_size) -> tf.Tensor:
+    if sample_weight is None:
+        return tf.ones([batch_size], tf.float32)
+    weights = tf.cast(_single_output(sample_weight), tf.float32)
+    if weights.shape.rank is not None and weights.shape.rank > 1:
+        weights = tf.reduce_mean(tf.reshape(weights, [batch_size, -1]), axis=1)
+    return tf.broadcast_to(tf.reshape(weights, [-1]), [batch_size])
+
+
+def _network_output(spec, y_pred, recording: capture.Recording) -> tf.Tensor:
+    """z: the tensor whose distribution the loss describes (logits for CE).
+
+    When the output is a probability produced by a registered layer's softmax
+    or sigmoid, its pre-activation is the logits; other probability outputs go
+    through `LossSpec.logits_from_output`.
+    """
+    wanted = spec.output_activation
+    if wanted is None:
+        return tf.cast(y_pred, tf.float32)
+    produced = recording.layer_producing(y_pred)
+    if produced is not None:
+        _, call = produced
+        if call.activation_name == wanted:
+            return tf.cast(call.preactivation, tf.float32)
+    return spec.logits_from_output(y_pred)
+
+
+def curvature_step(
+    optimizer: KFAC,
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    forward: Callable[[Any], Any],
+    objective: Callable[[Any], tf.Tensor],
+) -> tuple[Any, tf.Tensor, dict[str, tf.Tensor]]:
+    """One K-FAC step. Returns (y_pred, loss, K-FAC scalars for the logs)."""
+    spec = optimizer._loss_spec
+    fisher = optimizer.fisher
+    layers = optimizer._candidate_layers
+    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
+    batch_size = tf.shape(first_input)[0]
+    weights = _example_weights(sample_weight, batch_size)
+
+    with tf.GradientTape(persistent=fisher != "empirical") as tape:
+        with capture.recording(layers) as recording:
+            y_pred = forward(x)
+        loss = objective(y_pred)
+        z = sampled = None
+        if fisher != "empirical":
+            z = _network_output(spec, _single_output(y_pred), recording)
+            if fisher == "sampled":
+                sampled = spec.sampled_nll(z, optimizer._sampling_seed(), weights)
+
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    var_list = optimizer._trainable_variables
+    kron_blocks = [b for b in optimizer._blocks if isinstance(b, KroneckerBlock)]
+    calls = {id(b): recording.of(b.layer) for b in kron_blocks}
+    missing = [b.name for b in kron_blocks if not calls[id(b)]]
+    if missing:
+        raise ValueError(
+            f"K-FAC registered the layers {missing}, but the training forward pass did "
+            "not call them, so their curvature cannot be measured. Remove the unused "
+            "layers from the model, or freeze them (layer.trainable = False) before "
+            "compiling."
+        )
+    preacts = [c.preactivation for b in kron_blocks for c in calls[id(b)]]
+
+    if fisher == "empirical":
+        all_grads = tape.gradient(loss, list(var_list) + preacts)
+        grads, preact_grads = all_grads[: len(var_list)], all_grads[len(var_list) :]
+        c = spec.scale(_single_output(y_pred)) if spec is not None else 1.0
+        batch = tf.cast(batch_size, tf.float32)
+        if spec is None or not spec.sum_reduction:
+            g_scale = batch * batch / c  # rows are per-example gradients / B
+        else:
+            g_scale = 1.0 / c
+        preact_grad_sets = [preact_grads]
+    elif fisher == "sampled":
+        grads = tape.gradient(loss, var_list)
+        preact_grad_sets = [tape.gradient(sampled, preacts)]
+        g_scale = spec.scale(z)
+    else:
+        grads = tape.gradient(loss, var_list)
+        preact_grad_sets = [
+            tape.gradient(z, preacts, output_gradients=column)
+            for column in spec.hessian_sqrt_columns(z, weights)
+        ]
+        g_scale = spec.scale(z)
+    del tape
+
+    batch_factors = {}
+    for block in kron_blocks:
+        block_calls = calls[id(block)]
+        a_batch = g_batch = None
+        for grad_set in preact_grad_sets:
+            block_grads = _grads_of(block_calls, preacts, grad_set)
+            a_part, g_part = block.batch_factors(block_calls, block_grads, batch_size, g_scale)
+            a_batch = a_part
+            g_batch = g_part if g_batch is None else g_batch + g_part
+        batch_factors[id(block)] = (a_batch, g_batch)
+
+    logs = optimizer._apply_kfac_update(grads, loss, batch_factors)
+    return y_pred, loss, logs
+
+
+def _grads_of(block_calls, preacts, grad_set):
+    """The gradients in `grad_set` that belong to `block_calls` (by identity)."""
+    by_id = {id(p): g for p, g in zip(preacts, grad_set, strict=True)}
+    return [by_id[id(call.preactivation)] for call in block_calls]
+
+
+def fit_train_step(optimizer: KFAC, model: keras.Model, data: Any) -> dict[str, Any]:
+    """`Model.train_step` for models compiled with K-FAC (used by `model.fit`)."""
+    optimizer.attach(model)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    training_arg = internals.call_has_training_arg(model)
+
+    def forward(inputs):
+        return model(inputs, training=True) if training_arg else model(inputs)
+
+    def objective(y_pred):
+        return internals.compute_loss(model, x, y, y_pred, sample_weight)
+
+    y_pred, loss, kfac_logs = curvature_step(
+        optimizer, model, x, y, sample_weight, forward, objective
+    )
+    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
+    internals.update_loss_tracker(model, loss, tf.shape(first_input)[0])
+    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    logs = dict(logs)
+    logs.update(kfac_logs)
+    return logs
