@@ -164,3 +164,12 @@ def update_loss_tracker(model: keras.Model, loss, batch_size) -> None:
     if tracker is None:  # pragma: no cover - depends on Keras
         raise _changed("Trainer._loss_tracker")
     tracker.update_state(loss, sample_weight=batch_size)
+
+
+def wrap_loss_function(function: Callable) -> Any:
+    """A Keras `Loss` around a loss function, exactly as `compile` builds one."""
+    try:
+        from keras.src.losses.losses import LossFunctionWrapper
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.losses.losses.LossFunctionWrapper") from error
+    return LossFunctionWrapper(function)

@@ -230,7 +230,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "keras.optimizers.Adam for this model."
             )
         state.spec = self._resolve_spec(model, loss)
-        state.loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+        state.loss_fn = _as_loss_object(loss)
         state.loss_given = loss
         for layer in candidates:
             capture.wrap_layer(layer)
@@ -395,6 +395,13 @@ class KFAC(keras.optimizers.Optimizer):
     def _sampling_seed(self) -> tf.Tensor:
         return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
 
+    def _factor_update_due(self) -> tf.Tensor:
+        """Whether this step updates the factors: every interval, and until the first."""
+        return tf.logical_or(
+            tf.equal(self._factor_updates, 0),
+            tf.equal(tf.cast(self.iterations, tf.int64) % self.factor_update_interval, 0),
+        )
+
     def _apply_kfac_update(self, grads, loss, batch_factors) -> dict[str, tf.Tensor]:
         """Updates factors, inverses, momentum and weights from one step.
 
@@ -410,6 +417,8 @@ class KFAC(keras.optimizers.Optimizer):
         momentum = self._current(self.momentum)
         gamma = tf.sqrt(damping + self.l2_reg)
 
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in grads]
         if self.l2_reg:
             grads = [g if g is None else g + tf.cast(self.l2_reg, g.dtype) * v
                      for g, v in zip(grads, var_list, strict=True)]
@@ -417,10 +426,7 @@ class KFAC(keras.optimizers.Optimizer):
         ok = all_finite([loss, *[g for g in grads if g is not None], *statistics])
 
         # Factors: moving averages, debiased at the start.
-        update_factors = tf.logical_or(
-            tf.equal(self._factor_updates, 0),
-            tf.equal(step % self.factor_update_interval, 0),
-        )
+        update_factors = self._factor_update_due()
         count = tf.cast(self._factor_updates + 1, tf.float32)
         decay = tf.minimum(1.0 - 1.0 / count, self.factor_decay)
         factors = {}
@@ -538,6 +544,16 @@ class KFAC(keras.optimizers.Optimizer):
                     config[key], custom_objects=custom_objects
                 )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _as_loss_object(loss: Any) -> keras.losses.Loss | None:
+    """A `keras.losses.Loss` (mean over the batch, sample weights) for any loss form."""
+    if loss is None or isinstance(loss, keras.losses.Loss):
+        return loss
+    function = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if not callable(function):
+        raise ValueError(f"Unknown loss {loss!r}: pass a Keras loss name, function or object.")
+    return internals.wrap_loss_function(function)
 
 
 def _serialize(value):

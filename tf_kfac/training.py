@@ -103,37 +103,43 @@ def curvature_step(
 
     if fisher == "empirical":
         all_grads = tape.gradient(loss, list(var_list) + preacts)
-        grads, preact_grads = all_grads[: len(var_list)], all_grads[len(var_list) :]
-        c = spec.scale(_single_output(y_pred)) if spec is not None else 1.0
-        batch = tf.cast(batch_size, tf.float32)
-        if spec is None or not spec.sum_reduction:
-            g_scale = batch * batch / c  # rows are per-example gradients / B
-        else:
-            g_scale = 1.0 / c
-        preact_grad_sets = [preact_grads]
-    elif fisher == "sampled":
-        grads = tape.gradient(loss, var_list)
-        preact_grad_sets = [tape.gradient(sampled, preacts)]
-        g_scale = spec.scale(z)
+        grads, loss_preact_grads = all_grads[: len(var_list)], all_grads[len(var_list) :]
     else:
         grads = tape.gradient(loss, var_list)
-        preact_grad_sets = [
-            tape.gradient(z, preacts, output_gradients=column)
-            for column in spec.hessian_sqrt_columns(z, weights)
-        ]
-        g_scale = spec.scale(z)
-    del tape
 
-    batch_factors = {}
-    for block in kron_blocks:
-        block_calls = calls[id(block)]
-        a_batch = g_batch = None
-        for grad_set in preact_grad_sets:
-            block_grads = _grads_of(block_calls, preacts, grad_set)
-            a_part, g_part = block.batch_factors(block_calls, block_grads, batch_size, g_scale)
-            a_batch = a_part
-            g_batch = g_part if g_batch is None else g_batch + g_part
-        batch_factors[id(block)] = (a_batch, g_batch)
+    def preactivation_gradient_sets():
+        """Per-example output-gradient rows of the estimator, and G's scale."""
+        if fisher == "empirical":
+            c = spec.scale(_single_output(y_pred)) if spec is not None else 1.0
+            if spec is None or not spec.sum_reduction:
+                batch = tf.cast(batch_size, tf.float32)
+                return [loss_preact_grads], batch * batch / c  # rows are ∂ℓᵢ/∂s / B
+            return [loss_preact_grads], 1.0 / c
+        if fisher == "sampled":
+            return [tape.gradient(sampled, preacts)], spec.scale(z)
+        columns = spec.hessian_sqrt_columns(z, weights)
+        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], spec.scale(z)
+
+    def batch_statistics():
+        grad_sets, g_scale = preactivation_gradient_sets()
+        flat = []
+        for block in kron_blocks:
+            block_calls = calls[id(block)]
+            flat.append(block.input_factor(block_calls, batch_size))
+            flat.append(tf.add_n([
+                block.output_factor(_grads_of(block_calls, preacts, grads_), batch_size, g_scale)
+                for grads_ in grad_sets
+            ]))
+        return flat
+
+    def no_statistics():
+        return [tf.zeros(v.shape, tf.float32) for b in kron_blocks for v in b.state[:2]]
+
+    # The statistics (and the estimator's extra backward pass) run only on the
+    # steps that update the factors.
+    flat = tf.cond(optimizer._factor_update_due(), batch_statistics, no_statistics)
+    del tape
+    batch_factors = {id(b): (flat[2 * i], flat[2 * i + 1]) for i, b in enumerate(kron_blocks)}
 
     logs = optimizer._apply_kfac_update(grads, loss, batch_factors)
     return y_pred, loss, logs

@@ -135,31 +135,27 @@ class KroneckerBlock(CurvatureBlock):
         return rows
 
     # ------------------------------------------------------------ factors
-    def batch_factors(
-        self,
-        calls: Sequence[LayerCall],
-        preactivation_grads: Sequence[tf.Tensor],
-        batch_size: tf.Tensor,
-        g_scale: tf.Tensor,
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        """This batch's A and G.
+    def input_factor(self, calls: Sequence[LayerCall], batch_size: tf.Tensor) -> tf.Tensor:
+        """This batch's A = (1/B) Σ āāᵀ, summed over positions and calls."""
+        rows = self._rows_of_calls(calls)
+        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(batch_size, tf.float32)
+
+    def output_factor(
+        self, preactivation_grads: Sequence[tf.Tensor], batch_size: tf.Tensor, g_scale
+    ) -> tf.Tensor:
+        """This batch's G = g_scale · (1/B) Σᵢ (1/|T|) Σₜ g gᵀ.
 
         Args:
-            calls: the layer's recorded calls in this forward pass.
-            preactivation_grads: for each call, per-example gradients of the
-                (weighted) negative log-likelihood w.r.t. the pre-activation.
+            preactivation_grads: for each recorded call, the estimator's
+                per-example gradients with respect to the pre-activation.
             batch_size: B.
-            g_scale: factor on (1/(B·|T|)) Σ g gᵀ that gives G its scale.
+            g_scale: the loss's scale c (or what turns the rows into c-scaled
+                per-example gradients).
         """
+        rows = tf.concat([self.output_rows(g) for g in preactivation_grads], axis=0)
         batch = tf.cast(batch_size, tf.float32)
-        a_rows = self._rows_of_calls(calls)
-        g_rows = tf.concat([self.output_rows(g) for g in preactivation_grads], axis=0)
-        a_batch = tf.matmul(a_rows, a_rows, transpose_a=True) / batch
-        rows_per_example = tf.cast(tf.shape(g_rows)[0], tf.float32) / batch
-        g_batch = tf.matmul(g_rows, g_rows, transpose_a=True) * (
-            g_scale / (batch * rows_per_example)
-        )
-        return a_batch, g_batch
+        rows_per_example = tf.cast(tf.shape(rows)[0], tf.float32) / batch
+        return tf.matmul(rows, rows, transpose_a=True) * (g_scale / (batch * rows_per_example))
 
     def damped_inverses(self, a_factor, g_factor, gamma):
         return factored_tikhonov_inverses(a_factor, g_factor, gamma)

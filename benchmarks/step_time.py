@@ -1,0 +1,151 @@
+"""Median time per training step of K-FAC against Keras's Adam, measured side by side.
+
+    python benchmarks/step_time.py               # all workloads, 3 repeats
+    python benchmarks/step_time.py --quick       # fewer steps, one repeat
+
+Each workload is trained with `model.fit` on random data of the right shape;
+a callback records the wall time of every batch; the first steps (tracing,
+first inverses) are dropped, and the median of the rest is reported. The
+optimizers alternate within one run (K-FAC, Adam, K-FAC, Adam, ...) so that
+machine noise hits both alike, and the ratio of medians is what to read.
+Results go to stdout and to benchmarks/results/step_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_kfac  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def mlp() -> keras.Model:
+    """The encoder half of the paper's MNIST autoencoder: 784-1000-500-250-30."""
+    return keras.Sequential(
+        [keras.Input((784,))]
+        + [keras.layers.Dense(n, activation="sigmoid") for n in (1000, 500, 250)]
+        + [keras.layers.Dense(30)]
+    )
+
+
+def convnet() -> keras.Model:
+    """The quickstart's convnet on 8×8 single-channel images."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+WORKLOADS = {
+    "mlp_784-1000-500-250-30_b256": (mlp, 256, "mse"),
+    "mlp_784-1000-500-250-30_b1000": (mlp, 1000, "mse"),
+    "quickstart_convnet_b64": (convnet, 64, "sparse_ce"),
+}
+
+
+def data(builder, batch_size: int, steps: int, loss: str):
+    rng = np.random.default_rng(0)
+    model = builder()
+    n = batch_size * steps
+    x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
+    if loss == "mse":
+        y = rng.normal(size=(n, model.output_shape[-1])).astype("float32")
+    else:
+        y = rng.integers(0, model.output_shape[-1], size=n)
+    return x, y
+
+
+def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
+    keras.utils.set_random_seed(0)
+    model = builder()
+    loss_fn = "mse" if loss == "mse" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss_fn)
+    x, y = data(builder, batch_size, steps, loss)
+    timer = StepTimer()
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+    return statistics.median(timer.times[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per optimizer")
+    parser.add_argument("--quick", action="store_true", help="30 steps, one repeat")
+    parser.add_argument("--only", default=None, help="substring of the workloads to run")
+    args = parser.parse_args()
+    steps, repeats = (30, 1) if args.quick else (args.steps, args.repeats)
+    warmup = 5
+
+    optimizers = {
+        "kfac": lambda: tf_kfac.KFAC(),
+        "adam": lambda: keras.optimizers.Adam(),
+        "sgd": lambda: keras.optimizers.SGD(momentum=0.9),
+    }
+    results = {}
+    for name, (builder, batch, loss) in WORKLOADS.items():
+        if args.only and args.only not in name:
+            continue
+        medians = {key: [] for key in optimizers}
+        for _ in range(repeats):
+            for key, make in optimizers.items():
+                medians[key].append(time_steps(builder, make(), batch, steps, loss, warmup))
+        row = {key: statistics.median(values) * 1e3 for key, values in medians.items()}
+        row["kfac_over_adam"] = row["kfac"] / row["adam"]
+        row["kfac_over_sgd"] = row["kfac"] / row["sgd"]
+        results[name] = row
+        print(
+            f"{name:34s} K-FAC {row['kfac']:8.1f} ms  Adam {row['adam']:7.1f} ms  "
+            f"SGD {row['sgd']:7.1f} ms  K-FAC/Adam {row['kfac_over_adam']:5.2f}x",
+            flush=True,
+        )
+    record = {
+        "command": "python benchmarks/step_time.py" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "tf_kfac": tf_kfac.__version__},
+        "kfac_defaults": tf_kfac.KFAC().get_config(),
+        "steps": steps,
+        "repeats": repeats,
+        "median_ms_per_step": results,
+    }
+    if not args.only:
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / "step_time.json"
+        out.write_text(json.dumps(record, indent=2, default=str))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
