@@ -173,3 +173,17 @@ def wrap_loss_function(function: Callable) -> Any:
     except ImportError as error:  # pragma: no cover - depends on Keras
         raise _changed("keras.src.losses.losses.LossFunctionWrapper") from error
     return LossFunctionWrapper(function)
+
+
+def in_symbolic_build() -> bool:
+    """True while Keras runs a layer symbolically to build it or infer shapes.
+
+    An unbuilt model's first call runs `call` once on placeholders in a scratch
+    graph (`compute_output_spec`, under a `SymbolicScope`); the capture must not
+    record those calls.
+    """
+    try:
+        from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.backend.common.symbolic_scope.in_symbolic_scope") from error
+    return bool(in_symbolic_scope())

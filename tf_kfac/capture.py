@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import _keras_internals as internals
+
 _ACTIVE = threading.local()
 _WRAPPED_MARK = "_tf_kfac_original_call"
 
@@ -89,7 +91,7 @@ def wrap_layer(layer: keras.layers.Layer) -> None:
 
     def call(inputs, *args, **kwargs):
         current = active_recording()
-        if current is None or not current.records(layer):
+        if current is None or not current.records(layer) or internals.in_symbolic_build():
             return original_call(inputs, *args, **kwargs)
         activation = layer.activation
         object.__setattr__(layer, "activation", None)

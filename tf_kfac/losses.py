@@ -116,11 +116,16 @@ class LossSpec:
             count = tf.reduce_prod(shape[1:])
         return tf.cast(count, tf.float32)
 
-    def scale(self, z: tf.Tensor) -> tf.Tensor:
-        """c: per-example loss = c · (−log p), with loss weight and reduction."""
+    def scale(self, z: tf.Tensor, batch_size=None) -> tf.Tensor:
+        """c: per-example loss = c · (−log p), with loss weight and reduction.
+
+        With the `"sum"` reduction the objective is B times the mean, so c
+        carries the batch size B (that of `z` unless given).
+        """
         c = self.weight / self.elements_per_example(z)
         if self.sum_reduction:
-            c = c * tf.cast(tf.shape(z)[0], tf.float32)
+            batch = tf.shape(z)[0] if batch_size is None else batch_size
+            c = c * tf.cast(batch, tf.float32)
         return c
 
     # ------------------------------------------------------------- logits

@@ -15,7 +15,8 @@ from tf_kfac import _keras_internals as internals
 from tf_kfac import capture
 from tf_kfac.blocks import KroneckerBlock, block_type_for, blocks_for_model
 from tf_kfac.linalg import all_finite
-from tf_kfac.losses import LossSpec, UnsupportedLossError, resolve_loss
+from tf_kfac import adaptive as qmodel
+from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact")
 
@@ -118,6 +119,13 @@ class KFAC(keras.optimizers.Optimizer):
         factor_update_interval: int = 1,
         inverse_update_interval: int = 20,
         kl_clip: float | None = 1e-3,
+        adaptive: bool = False,
+        adapt_gamma: bool = False,
+        quadratic_model_fraction: float = 0.25,
+        damping_adaptation_interval: int = 5,
+        gamma_adaptation_interval: int = 20,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e8,
         seed: int | None = None,
         weight_decay: float | None = None,
         clipnorm: float | None = None,
@@ -158,6 +166,34 @@ class KFAC(keras.optimizers.Optimizer):
         _check_interval("inverse_update_interval", inverse_update_interval)
         if kl_clip is not None:
             _check_number("kl_clip", kl_clip, 0.0, None, closed_low=False)
+        _check_number("quadratic_model_fraction", quadratic_model_fraction, 0.0, None,
+                      closed_low=False)
+        if quadratic_model_fraction > 1:
+            raise ValueError("`quadratic_model_fraction` must be in (0, 1]; received "
+                             f"quadratic_model_fraction={quadratic_model_fraction!r}.")
+        _check_interval("damping_adaptation_interval", damping_adaptation_interval)
+        _check_interval("gamma_adaptation_interval", gamma_adaptation_interval)
+        _check_number("min_damping", min_damping, 0.0, None, closed_low=False)
+        _check_number("max_damping", max_damping, min_damping, None, closed_low=False)
+        if adapt_gamma and not adaptive:
+            raise ValueError("`adapt_gamma=True` needs `adaptive=True`: γ is chosen by the "
+                             "quadratic model, which only the adaptive mode builds.")
+        if adaptive:
+            conflicts = [arg for arg, value in (
+                ("weight_decay", weight_decay), ("clipnorm", clipnorm),
+                ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm)) if value]
+            if conflicts:
+                raise ValueError(
+                    f"`adaptive=True` chooses the step by the quadratic model and cannot "
+                    f"honour {', '.join(conflicts)}. Use `l2_reg` for L2 regularisation "
+                    "(the quadratic model accounts for it), or adaptive=False."
+                )
+            if _is_schedule(damping):
+                raise ValueError("`adaptive=True` adapts the damping itself; pass a float "
+                                 "initial `damping`, not a schedule.")
+            if not min_damping <= damping <= max_damping:
+                raise ValueError(f"`damping`={damping!r} lies outside [min_damping, "
+                                 f"max_damping] = [{min_damping}, {max_damping}].")
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -171,6 +207,13 @@ class KFAC(keras.optimizers.Optimizer):
         self.factor_update_interval = factor_update_interval
         self.inverse_update_interval = inverse_update_interval
         self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.adaptive = bool(adaptive)
+        self.adapt_gamma = bool(adapt_gamma)
+        self.quadratic_model_fraction = float(quadratic_model_fraction)
+        self.damping_adaptation_interval = damping_adaptation_interval
+        self.gamma_adaptation_interval = gamma_adaptation_interval
+        self.min_damping = float(min_damping)
+        self.max_damping = float(max_damping)
         self.seed = int(seed)
         # Python-side state, kept out of Keras/TF tracking: never saved.
         self._kfac = _Registration()
@@ -230,6 +273,13 @@ class KFAC(keras.optimizers.Optimizer):
                 "keras.optimizers.Adam for this model."
             )
         state.spec = self._resolve_spec(model, loss)
+        if self.adaptive and state.spec is None:
+            raise UnsupportedLossError(
+                "KFAC(adaptive=True) builds the quadratic model from the output Hessian "
+                "of the loss, which tf_kfac knows only for these losses: "
+                + ", ".join(SUPPORTED_LOSSES) + ". Compile with one of them, or use "
+                "adaptive=False with fisher='empirical'."
+            )
         state.loss_fn = _as_loss_object(loss)
         state.loss_given = loss
         for layer in candidates:
@@ -289,12 +339,21 @@ class KFAC(keras.optimizers.Optimizer):
                 f"KFAC found no trainable Dense or Conv2D layer in model '{model.name}'. "
                 "Use a first-order optimizer such as keras.optimizers.Adam for it."
             )
-        self._damping = self.add_variable((), initializer="zeros", dtype="float32",
-                                          name="kfac_damping")
-        self._skipped_steps = self.add_variable((), dtype="int64", name="kfac_skipped_steps")
-        self._factor_updates = self.add_variable((), dtype="int64", name="kfac_factor_updates")
-        self._inverse_updates = self.add_variable((), dtype="int64",
-                                                  name="kfac_inverse_updates")
+        def scalar(name, dtype="float32", value=0.0):
+            init = keras.initializers.Constant(value)
+            return self.add_variable((), initializer=init, dtype=dtype, name=name)
+
+        initial_damping = 0.0 if _is_schedule(self.damping) else float(self.damping)
+        self._damping = scalar("kfac_damping", value=initial_damping)
+        self._skipped_steps = scalar("kfac_skipped_steps", "int64", 0)
+        self._factor_updates = scalar("kfac_factor_updates", "int64", 0)
+        self._inverse_updates = scalar("kfac_inverse_updates", "int64", 0)
+        # The paper's adaptive quantities (§6–7); constant in the fixed mode.
+        self._gamma = scalar("kfac_gamma", value=(initial_damping + self.l2_reg) ** 0.5)
+        self._alpha = scalar("kfac_alpha")
+        self._mu = scalar("kfac_mu")
+        self._rho = scalar("kfac_rho")
+        self._model_change = scalar("kfac_model_change")
         self._momentums = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         for block in blocks:
             block.build(self)
@@ -402,20 +461,28 @@ class KFAC(keras.optimizers.Optimizer):
             tf.equal(tf.cast(self.iterations, tf.int64) % self.factor_update_interval, 0),
         )
 
-    def _apply_kfac_update(self, grads, loss, batch_factors) -> dict[str, tf.Tensor]:
+    def _apply_kfac_update(self, grads, loss, batch_factors, context) -> dict[str, tf.Tensor]:
         """Updates factors, inverses, momentum and weights from one step.
 
-        A step whose loss, gradients or statistics are not all finite changes
-        nothing but the step counters.
+        Args:
+            grads: the objective's gradients, one per trainable variable.
+            loss: the objective's value h(θ).
+            batch_factors: this batch's (A, G) per Kronecker block (by id).
+            context: a `training.StepContext` (network output, objective at
+                shifted weights) for the adaptive mode.
+
+        A step whose loss, gradients, statistics or update are not all finite
+        changes nothing but the step counters.
         """
         var_list = self._trainable_variables
-        blocks = self._kfac.blocks
-        kron = [b for b in blocks if isinstance(b, KroneckerBlock)]
+        kron = [b for b in self._kfac.blocks if isinstance(b, KroneckerBlock)]
         step = tf.cast(self.iterations, tf.int64)
-        lr = tf.cast(self._get_current_learning_rate(), tf.float32)
-        damping = self._current(self.damping)
-        momentum = self._current(self.momentum)
-        gamma = tf.sqrt(damping + self.l2_reg)
+        damping = (tf.convert_to_tensor(self._damping) if self.adaptive
+                   else self._current(self.damping))
+        if self.adapt_gamma:
+            gamma = tf.convert_to_tensor(self._gamma)
+        else:
+            gamma = tf.sqrt(damping + self.l2_reg)
 
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                  for g in grads]
@@ -429,78 +496,41 @@ class KFAC(keras.optimizers.Optimizer):
         update_factors = self._factor_update_due()
         count = tf.cast(self._factor_updates + 1, tf.float32)
         decay = tf.minimum(1.0 - 1.0 / count, self.factor_decay)
-        factors = {}
+        factors = []
         for block in kron:
-            a_batch, g_batch = batch_factors[id(block)]
-            factors[id(block)] = tuple(
-                tf.where(update_factors, decay * old + (1.0 - decay) * new, old)
-                for old, new in ((block.a_factor, a_batch), (block.g_factor, g_batch))
-            )
+            for old, new in zip((block.a_factor, block.g_factor), batch_factors[id(block)],
+                                strict=True):
+                factors.append(tf.where(update_factors, decay * old + (1.0 - decay) * new, old))
 
         # Inverses: every inverse_update_interval steps, and until first computed.
         refresh = tf.logical_and(ok, tf.logical_or(
             tf.equal(self._inverse_updates, 0),
             tf.equal(step % self.inverse_update_interval, 0),
         ))
-
-        def new_inverses():
-            out = []
-            for block in kron:
-                pair = block.damped_inverses(*factors[id(block)], gamma)
-                keep = all_finite(pair)
-                out.extend(tf.where(keep, new, tf.convert_to_tensor(old))
-                           for new, old in zip(pair, (block.a_inverse, block.g_inverse),
-                                               strict=True))
-            return out
-
-        def old_inverses():
-            return [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
-
-        flat_inverses = tf.cond(refresh, new_inverses, old_inverses) if kron else []
-        inverses = {id(b): tuple(flat_inverses[2 * i : 2 * i + 2]) for i, b in enumerate(kron)}
-
-        # Preconditioned directions, block by block.
-        index = {id(v): i for i, v in enumerate(var_list)}
-        directions: list[tf.Tensor | None] = [None] * len(var_list)
-        for block in blocks:
-            positions = [index[id(v)] for v in block.variables]
-            block_grads = [grads[i] for i in positions]
-            if any(g is None for g in block_grads):
-                continue
-            updates = block.precondition(block_grads, inverses.get(id(block)))
-            for i, u in zip(positions, updates, strict=True):
-                directions[i] = u
-
         logs = {"damping": damping}
-        if self.kl_clip is not None:
-            inner = tf.add_n([
-                tf.reduce_sum(tf.cast(d, tf.float32) * tf.cast(g, tf.float32))
-                for d, g in zip(directions, grads, strict=True) if d is not None
-            ])
-            scale = tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)))
-            directions = [None if d is None else d * tf.cast(scale, d.dtype) for d in directions]
-            logs["kl_scale"] = scale
-        present = [i for i, d in enumerate(directions) if d is not None]
-        clipped = self._clip_gradients([directions[i] for i in present])
-        for i, d in zip(present, clipped, strict=True):
-            directions[i] = d
-        ok = tf.logical_and(ok, all_finite([d for d in directions if d is not None]))
+        if not self.adaptive:
+            inverses = self._inverses(kron, factors, gamma, refresh)
+            updates, buffers, step_logs = self._fixed_step(grads, inverses)
+        else:
+            updates, buffers, inverses, gamma, step_logs = self._adaptive_step(
+                grads, loss, factors, gamma, damping, refresh, ok, context)
+            refresh = tf.logical_or(refresh, self._gamma_adaptation_due(ok))
+        logs.update(step_logs)
+        ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
 
         # Assign: factors, inverses, momentum, weights; all kept on a bad step.
-        for block in kron:
-            for var, new in zip((block.a_factor, block.g_factor), factors[id(block)], strict=True):
-                var.assign(tf.where(ok, new, var))
-            for var, new in zip((block.a_inverse, block.g_inverse), inverses[id(block)],
-                                strict=True):
-                var.assign(tf.where(ok, new, var))
-        for i in present:
-            variable, buffer, direction = var_list[i], self._momentums[i], directions[i]
-            new_buffer = tf.cast(momentum, buffer.dtype) * buffer + direction
+        state = [v for b in kron for v in (b.a_factor, b.g_factor)]
+        for var, new in zip(state, factors, strict=True):
+            var.assign(tf.where(ok, new, var))
+        state = [v for b in kron for v in (b.a_inverse, b.g_inverse)]
+        for var, new in zip(state, inverses, strict=True):
+            var.assign(tf.where(ok, new, var))
+        for variable, buffer, update, new_buffer in zip(
+                var_list, self._momentums, updates, buffers, strict=True):
+            if update is None:
+                continue
             buffer.assign(tf.where(ok, new_buffer, buffer))
-            delta = tf.cast(lr, variable.dtype) * new_buffer
-            if self.weight_decay is not None and self._use_weight_decay(variable):
-                delta += tf.cast(lr * self.weight_decay, variable.dtype) * variable
-            variable.assign_sub(tf.where(ok, delta, tf.zeros_like(delta)))
+            variable.assign_add(tf.where(ok, update, tf.zeros_like(update)))
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
 
@@ -508,10 +538,153 @@ class KFAC(keras.optimizers.Optimizer):
         self._factor_updates.assign_add(ok64 * tf.cast(update_factors, tf.int64))
         self._inverse_updates.assign_add(tf.cast(refresh, tf.int64) * ok64)
         self._skipped_steps.assign_add(1 - ok64)
-        self._damping.assign(damping)
+        if not self.adaptive:
+            self._damping.assign(damping)
+        self._gamma.assign(tf.where(ok, gamma, self._gamma))
         self._iterations.assign_add(1)
         logs["skipped_steps"] = tf.convert_to_tensor(self._skipped_steps)
         return logs
+
+    def _inverses(self, kron, factors, gamma, refresh) -> list[tf.Tensor]:
+        """Damped inverses at γ when `refresh`, else the stored ones (flat, A⁻¹ then G⁻¹)."""
+
+        def new():
+            out = []
+            for i, block in enumerate(kron):
+                pair = block.damped_inverses(factors[2 * i], factors[2 * i + 1], gamma)
+                keep = all_finite(pair)
+                out.extend(tf.where(keep, fresh, tf.convert_to_tensor(old)) for fresh, old in
+                           zip(pair, (block.a_inverse, block.g_inverse), strict=True))
+            return out
+
+        def old():
+            return [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
+
+        if not kron:
+            return []
+        if isinstance(refresh, bool):
+            return new() if refresh else old()
+        return tf.cond(refresh, new, old)
+
+    def _directions(self, grads, inverses) -> list[tf.Tensor | None]:
+        """V: each block's preconditioned gradient (the gradient for first-order blocks)."""
+        var_list = self._trainable_variables
+        index = {id(v): i for i, v in enumerate(var_list)}
+        kron_index = 0
+        directions: list[tf.Tensor | None] = [None] * len(var_list)
+        for block in self._kfac.blocks:
+            pair = None
+            if isinstance(block, KroneckerBlock):
+                pair = (inverses[2 * kron_index], inverses[2 * kron_index + 1])
+                kron_index += 1
+            positions = [index[id(v)] for v in block.variables]
+            block_grads = [grads[i] for i in positions]
+            if any(g is None for g in block_grads):
+                continue
+            for i, u in zip(positions, block.precondition(block_grads, pair), strict=True):
+                directions[i] = u
+        return directions
+
+    def _fixed_step(self, grads, inverses):
+        """Learning rate, KL-clip, Keras clipping, heavy-ball momentum, weight decay."""
+        var_list = self._trainable_variables
+        lr = tf.cast(self._get_current_learning_rate(), tf.float32)
+        momentum = self._current(self.momentum)
+        directions = self._directions(grads, inverses)
+        logs = {}
+        if self.kl_clip is not None:
+            inner = qmodel._dot(directions, grads)
+            scale = tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)))
+            directions = [None if d is None else d * tf.cast(scale, d.dtype) for d in directions]
+            logs["kl_scale"] = scale
+        present = [i for i, d in enumerate(directions) if d is not None]
+        clipped = self._clip_gradients([directions[i] for i in present])
+        updates = [None] * len(var_list)
+        buffers = [None] * len(var_list)
+        for i, direction in zip(present, clipped, strict=True):
+            variable, buffer = var_list[i], self._momentums[i]
+            buffers[i] = tf.cast(momentum, buffer.dtype) * buffer + direction
+            delta = tf.cast(lr, variable.dtype) * buffers[i]
+            if self.weight_decay is not None and self._use_weight_decay(variable):
+                delta += tf.cast(lr * self.weight_decay, variable.dtype) * variable
+            updates[i] = -delta
+        return updates, buffers, logs
+
+    def _gamma_adaptation_due(self, ok) -> tf.Tensor:
+        if not self.adapt_gamma:
+            return tf.constant(False)
+        step = tf.cast(self.iterations, tf.int64)
+        return tf.logical_and(ok, tf.equal(step % self.gamma_adaptation_interval, 0))
+
+    def _adaptive_step(self, grads, loss, factors, gamma, damping, refresh, ok, context):
+        """δ = αΔ + μδ₀ from the quadratic model; λ by Levenberg–Marquardt; γ (§6.6)."""
+        var_list = self._trainable_variables
+        kron = [b for b in self._kfac.blocks if isinstance(b, KroneckerBlock)]
+        previous = [tf.convert_to_tensor(b) for b in self._momentums]
+        use_momentum = not (isinstance(self.momentum, (int, float)) and self.momentum == 0)
+        model = qmodel.QuadraticModel(context.output, var_list, grads, previous, damping,
+                                      self.l2_reg, use_momentum)
+
+        def proposal(inverses):
+            return [None if d is None else -d for d in self._directions(grads, inverses)]
+
+        if self.adapt_gamma:
+            omega = qmodel.gamma_factor(self.gamma_adaptation_interval)
+
+            def choose_gamma():
+                candidates = [gamma, gamma * omega, gamma / omega]
+                results = []
+                for candidate in candidates:
+                    inverses = self._inverses(kron, factors, candidate, True)
+                    results.append((inverses, model.best_step(proposal(inverses)).model_change))
+                values = tf.stack([tf.where(tf.math.is_finite(v), v, float("inf"))
+                                   for _, v in results])
+                best = tf.argmin(values)
+                chosen = tf.gather(tf.stack(candidates), best)
+                flat = [tf.gather(tf.stack(parts), best)
+                        for parts in zip(*(inv for inv, _ in results), strict=True)]
+                return [chosen, *flat]
+
+            def keep_gamma():
+                return [gamma, *self._inverses(kron, factors, gamma, refresh)]
+
+            chosen = tf.cond(self._gamma_adaptation_due(ok), choose_gamma, keep_gamma)
+            gamma, inverses = chosen[0], list(chosen[1:])
+        else:
+            inverses = self._inverses(kron, factors, gamma, refresh)
+
+        delta = proposal(inverses)
+        step = model.best_step(delta)
+        updates = [None if d is None else tf.cast(step.alpha, d.dtype) * d
+                   + tf.cast(step.mu, d.dtype) * p
+                   for d, p in zip(delta, previous, strict=True)]
+
+        # Levenberg–Marquardt: ρ on the same batch, every T₁ steps.
+        iteration = tf.cast(self.iterations, tf.int64)
+        rho_due = tf.logical_and(ok, tf.equal(iteration % self.damping_adaptation_interval, 0))
+
+        def measure_rho():
+            after = context.objective_at(updates)
+            values = [tf.convert_to_tensor(v) for v in var_list]
+            return qmodel.reduction_ratio(loss, after, values, updates, self.l2_reg,
+                                          step.undamped_change)
+
+        rho = tf.cond(rho_due, measure_rho, lambda: tf.convert_to_tensor(self._rho))
+        rho_ok = tf.logical_and(rho_due, tf.math.is_finite(rho))
+        new_damping = qmodel.adapt_damping(damping, rho, self.damping_adaptation_interval,
+                                           self.min_damping, self.max_damping)
+        finite_step = all_finite([step.alpha, step.mu, step.model_change])
+        keep = tf.logical_and(ok, finite_step)
+        self._damping.assign(tf.where(tf.logical_and(keep, rho_ok), new_damping, damping))
+        self._rho.assign(tf.where(tf.logical_and(keep, rho_ok), rho, self._rho))
+        for var, value in ((self._alpha, step.alpha), (self._mu, step.mu),
+                           (self._model_change, step.model_change)):
+            var.assign(tf.where(keep, value, var))
+        logs = {"gamma": gamma, "alpha": step.alpha, "mu": step.mu,
+                "rho": tf.convert_to_tensor(self._rho), "model_change": step.model_change}
+        buffers = [None if u is None else tf.cast(u, b.dtype)
+                   for u, b in zip(updates, self._momentums, strict=True)]
+        return updates, buffers, inverses, gamma, logs
 
     # ------------------------------------------------------------- config
     def get_config(self):
@@ -530,6 +703,13 @@ class KFAC(keras.optimizers.Optimizer):
                 "factor_update_interval": self.factor_update_interval,
                 "inverse_update_interval": self.inverse_update_interval,
                 "kl_clip": self.kl_clip,
+                "adaptive": self.adaptive,
+                "adapt_gamma": self.adapt_gamma,
+                "quadratic_model_fraction": self.quadratic_model_fraction,
+                "damping_adaptation_interval": self.damping_adaptation_interval,
+                "gamma_adaptation_interval": self.gamma_adaptation_interval,
+                "min_damping": self.min_damping,
+                "max_damping": self.max_damping,
                 "seed": self.seed,
             }
         )

@@ -10,6 +10,7 @@ gradients and this batch's factors to the optimizer's update.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
 from tf_kfac import capture
+from tf_kfac.adaptive import OutputContext
 from tf_kfac.blocks import KroneckerBlock
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,8 +143,54 @@ def curvature_step(
     del tape
     batch_factors = {id(b): (flat[2 * i], flat[2 * i + 1]) for i, b in enumerate(kron_blocks)}
 
-    logs = optimizer._apply_kfac_update(grads, loss, batch_factors)
+    context = None
+    if optimizer.adaptive:
+        context = _step_context(optimizer, x, weights, batch_size, forward, objective)
+    logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context)
     return y_pred, loss, logs
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What the adaptive mode needs beyond gradients and factors.
+
+    Attributes:
+        output: the quadratic model's view of the network (on a subset of the
+            batch).
+        objective_at: maps one update per trainable variable (or None) to the
+            objective h(θ + δ) on the same batch, without changing any state.
+    """
+
+    output: OutputContext
+    objective_at: Callable
+
+
+def _step_context(optimizer, x, weights, batch_size, forward, objective) -> StepContext:
+    spec = optimizer._loss_spec
+    layers = optimizer._candidate_layers
+    fraction = optimizer.quadratic_model_fraction
+    count = tf.cast(tf.math.ceil(fraction * tf.cast(batch_size, tf.float32)), tf.int32)
+    count = tf.maximum(count, 1)
+
+    def network_output(inputs):
+        with capture.recording(layers) as recording:
+            y_pred = forward(inputs)
+        return _network_output(spec, _single_output(y_pred), recording)
+
+    def objective_at(updates):
+        variables = optimizer._trainable_variables
+        mapping = [(v, v + u) for v, u in zip(variables, updates, strict=True) if u is not None]
+        with keras.StatelessScope(state_mapping=mapping):
+            return objective(forward(x))
+
+    output = OutputContext(
+        network_output=network_output,
+        inputs=tf.nest.map_structure(lambda t: t[:count], x),
+        example_weights=weights[:count],
+        spec=spec,
+        batch_size=batch_size,
+    )
+    return StepContext(output=output, objective_at=objective_at)
 
 
 def _grads_of(block_calls, preacts, grad_set):
