@@ -261,7 +261,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "KFAC does not support distribution strategies with more than one "
                 "replica yet. Train on one device (no strategy scope)."
             )
-        if attached is model and (loss is None or state.loss_given == loss):
+        if state.registered and attached is model and (loss is None or state.loss_given == loss):
             return
         candidates = [
             layer for layer in internals.flatten_layers(model) if block_type_for(layer)
@@ -286,6 +286,7 @@ class KFAC(keras.optimizers.Optimizer):
             capture.wrap_layer(layer)
         state.candidates = candidates
         state.model = weakref.ref(model)
+        state.registered = True
         if not self.built and model.built:
             self.build(model.trainable_variables)
 
@@ -752,3 +753,4 @@ class _Registration:
         self.spec: LossSpec | None = None
         self.loss_fn: Any = None
         self.loss_given: Any = None
+        self.registered = False  # layers wrapped and loss read (attach ran)

@@ -91,6 +91,12 @@ def curvature_step(
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
     var_list = optimizer._trainable_variables
+    if [id(v) for v in model.trainable_variables] != [id(v) for v in var_list]:
+        raise ValueError(
+            "The model's trainable variables changed after KFAC was built for it (a layer "
+            "was frozen, unfrozen or added). Create a new KFAC optimizer and compile the "
+            "model again."
+        )
     kron_blocks = [b for b in optimizer._blocks if isinstance(b, KroneckerBlock)]
     calls = {id(b): recording.of(b.layer) for b in kron_blocks}
     missing = [b.name for b in kron_blocks if not calls[id(b)]]

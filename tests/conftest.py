@@ -1,0 +1,56 @@
+"""Shared test set-up: quiet TensorFlow, fixed seeds, float64 NumPy helpers.
+
+Helpers that test files need as plain functions are handed out by fixtures
+(`to64`, `rel_err`), so no test file imports from another.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SEED = 1234
+
+
+def _to64(value) -> np.ndarray:
+    """Any tensor, variable or array as a float64 NumPy array."""
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _rel_err(actual, desired) -> float:
+    """‖actual − desired‖ / ‖desired‖ in float64 (Frobenius norm)."""
+    actual, desired = _to64(actual), _to64(desired)
+    assert actual.shape == desired.shape, (actual.shape, desired.shape)
+    return float(np.linalg.norm(actual - desired) / max(np.linalg.norm(desired), 1e-300))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same Python, NumPy, TensorFlow and Keras seeds."""
+    keras.utils.set_random_seed(SEED)
+    yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A NumPy generator with a fixed seed, for test data."""
+    return np.random.default_rng(SEED)
+
+
+@pytest.fixture
+def to64():
+    """`to64(x)`: a tensor, variable or array as a float64 NumPy array."""
+    return _to64
+
+
+@pytest.fixture
+def rel_err():
+    """`rel_err(actual, desired)`: relative Frobenius error in float64."""
+    return _rel_err

@@ -1,0 +1,215 @@
+"""The preconditioned update against a dense NumPy solve (DESIGN §6, oracle 4).
+
+One step from fresh optimizer state (so momentum plays no part) must move each
+Dense/Conv2D layer's W̄ = [K; b] by exactly −lr·ν·V with
+
+    vec(V) = (A_d ⊗ G_d)⁻¹ vec(∇W̄ + ηW̄),  A_d = A + πγI,  G_d = G + (γ/π)I,
+    γ = √(λ + η),  π = √((tr A / dim A) / (tr G / dim G)),
+
+(row-major vec, A and G this batch's statistics as reported by `kronecker_factors`),
+and every other trainable variable by −lr·ν·(∇w + ηw). ν is the KL-clip factor
+min(1, √(κ / (lr² Σ⟨V, ∇⟩))) over all variables, or 1 without clipping. The
+gradients come from an independent `tf.GradientTape` on Keras's own loss.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_kfac
+from tf_kfac.blocks import FirstOrderBlock, KroneckerBlock
+from tf_kfac.linalg import pi_adjustment
+
+BATCH, CLASSES = 6, 3
+LR, DAMPING = 0.5, 0.05
+TOL = 2e-4  # relative error of a float32 update against the float64 solve
+
+
+def mlp():
+    """Dense layers around a BatchNormalization (whose gamma/beta train first-order)."""
+    return keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(5), keras.layers.BatchNormalization(),
+        keras.layers.Activation("tanh"), keras.layers.Dense(CLASSES, activation="softmax")])
+
+
+def convnet():
+    return keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dense(CLASSES, activation="softmax")])
+
+
+def embedding_net():
+    return keras.Sequential([
+        keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4),
+        keras.layers.Flatten(), keras.layers.Dense(CLASSES, activation="softmax")])
+
+
+MODELS = {"mlp": (mlp, (4,)), "convnet": (convnet, (6, 6, 2)), "embedding": (embedding_net, None)}
+
+LOSS_FORMS = {
+    "string": lambda: "sparse_categorical_crossentropy",
+    "function": lambda: keras.losses.sparse_categorical_crossentropy,
+    "object": keras.losses.SparseCategoricalCrossentropy,
+}
+
+
+def make_data(name, rng):
+    shape = MODELS[name][1]
+    if shape is None:
+        x = rng.integers(0, 10, (BATCH, 3)).astype("int32")
+    else:
+        x = rng.normal(size=(BATCH, *shape)).astype("float32")
+    return x, rng.integers(0, CLASSES, BATCH)
+
+
+def as_matrix(values) -> np.ndarray:
+    """[kernel, (bias)] as W̄: kernel reshaped (d_in, d_out), bias as the last row."""
+    kernel = np.asarray(values[0], np.float64)
+    kernel = kernel.reshape(-1, kernel.shape[-1])
+    if len(values) == 1:
+        return kernel
+    return np.concatenate([kernel, np.asarray(values[1], np.float64)[None]])
+
+
+def run_one_step(name, driver, rng, *, l2_reg=0.0, kl_clip=None, loss_form="object"):
+    """One K-FAC step; returns (optimizer, before, after, grads, logs) keyed by variable."""
+    model = MODELS[name][0]()
+    x, y = make_data(name, rng)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy()(y, model(x, training=True))
+    variables = model.trainable_variables
+    grads = {id(v): np.asarray(tf.convert_to_tensor(g), np.float64)
+             for v, g in zip(variables, tape.gradient(loss, variables), strict=True)}
+    before = {id(v): v.numpy().astype(np.float64) for v in variables}
+
+    opt = tf_kfac.KFAC(learning_rate=LR, momentum=0.0, damping=DAMPING, l2_reg=l2_reg,
+                       kl_clip=kl_clip, seed=11)
+    if driver == "fit":
+        model.compile(optimizer=opt, loss=LOSS_FORMS[loss_form]())
+        history = model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+        logs = {key: values[-1] for key, values in history.history.items()}
+    else:
+        opt.attach(model, loss=LOSS_FORMS[loss_form]())
+        logs = {key: float(value) for key, value in opt.step(x, y).items()}
+    assert logs["damping"] == pytest.approx(DAMPING)
+    assert logs["skipped_steps"] == 0
+    assert logs["loss"] == pytest.approx(float(loss), rel=1e-5)
+    after = {id(v): v.numpy().astype(np.float64) for v in variables}
+    return opt, model, before, after, grads, logs
+
+
+def expected_directions(opt, model, before, grads, l2_reg, use_pi=True):
+    """[(variables, V as one array, ∇ + ηw as one array)] per block, in float64.
+
+    `use_pi=False` replaces π by 1 (plain factored damping), for a negative control.
+    """
+    gamma = np.sqrt(DAMPING + l2_reg)
+    covered, out = [], []
+    for block in opt._blocks:
+        ids = [id(v) for v in block.variables]
+        covered += ids
+        if isinstance(block, KroneckerBlock):
+            assert isinstance(block.layer, (keras.layers.Dense, keras.layers.Conv2D))
+            w = as_matrix([before[i] for i in ids])
+            grad = as_matrix([grads[i] for i in ids]) + l2_reg * w
+            a, g = (np.asarray(f, np.float64) for f in opt.kronecker_factors(block.layer))
+            pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(g) / len(g))) if use_pi else 1.0
+            a_damped = a + pi * gamma * np.eye(len(a))
+            g_damped = g + gamma / pi * np.eye(len(g))
+            v = np.linalg.solve(np.kron(a_damped, g_damped), grad.ravel()).reshape(grad.shape)
+            out.append((ids, v, grad))
+        else:
+            assert isinstance(block, FirstOrderBlock)
+            (i,) = ids
+            grad = grads[i] + l2_reg * before[i]
+            out.append((ids, grad, grad))
+    assert sorted(covered) == sorted(id(v) for v in model.trainable_variables)
+    return out
+
+
+def check_update(opt, model, before, after, grads, l2_reg=0.0, kl_clip=None, rel_err=None):
+    """Asserts every variable moved by −lr·ν·V; returns the reference ν."""
+    directions = expected_directions(opt, model, before, grads, l2_reg)
+    nu = 1.0
+    if kl_clip is not None:
+        inner = sum(float(np.sum(v * g)) for _, v, g in directions)
+        nu = min(1.0, np.sqrt(kl_clip / (LR**2 * inner)))
+    for ids, v, _ in directions:
+        if len(ids) == 1 and v.shape == before[ids[0]].shape:
+            moved = after[ids[0]] - before[ids[0]]
+        else:
+            moved = as_matrix([after[i] for i in ids]) - as_matrix([before[i] for i in ids])
+        assert rel_err(moved, -LR * nu * v) < TOL
+    return nu
+
+
+@pytest.mark.parametrize("driver", ["fit", "step"])
+@pytest.mark.parametrize("name", ["mlp", "convnet"])
+def test_one_step_is_the_damped_kronecker_solve(name, driver, rng, rel_err):
+    """momentum 0, no KL-clip, no L2: ΔW̄ = −lr·(A + π√λI)⁻¹ ∇W̄ (G + √λ/π I)⁻¹ for
+    Dense and Conv2D (dense solve over kron(A_d, G_d)); BatchNormalization's gamma
+    and beta move by −lr·∇ (the first-order fallback)."""
+    result = run_one_step(name, driver, rng)
+    check_update(*result[:5], rel_err=rel_err)
+    # Negative control: without π the same comparison fails, so π is really checked.
+    opt, model, before, after, grads = result[:5]
+    misses = [rel_err(as_matrix([after[i] for i in ids]) - as_matrix([before[i] for i in ids]),
+                      -LR * v)
+              for ids, v, _ in expected_directions(opt, model, before, grads, 0.0, use_pi=False)
+              if len(ids) == 2]
+    assert max(misses) > 10 * TOL
+
+
+@pytest.mark.parametrize(("name", "driver"), [("mlp", "step"), ("convnet", "fit")])
+def test_l2_reg_enters_gradient_and_damping(name, driver, rng, rel_err):
+    """l2_reg = η: the gradient becomes ∇ + ηw for every variable and γ = √(λ + η)."""
+    eta = 0.02
+    result = run_one_step(name, driver, rng, l2_reg=eta)
+    check_update(*result[:5], l2_reg=eta, rel_err=rel_err)
+
+
+@pytest.mark.parametrize(("kl_clip", "driver"), [(0.02, "fit"), (10.0, "step")],
+                         ids=["clipping", "not-clipping"])
+def test_kl_clip_scales_the_whole_update(kl_clip, driver, rng, rel_err):
+    """With kl_clip = κ the whole update (Kronecker and fallback) is scaled by
+    ν = min(1, √(κ / (lr² Σ⟨V, ∇⟩))), and the "kl_scale" log reports ν."""
+    opt, model, before, after, grads, logs = run_one_step("mlp", driver, rng, kl_clip=kl_clip)
+    nu = check_update(opt, model, before, after, grads, kl_clip=kl_clip, rel_err=rel_err)
+    assert logs["kl_scale"] == pytest.approx(nu, rel=1e-4)
+    assert (nu < 0.5) if kl_clip < 1 else (nu == 1.0)
+
+
+@pytest.mark.parametrize(("l2_reg", "kl_clip", "driver"),
+                         [(0.0, None, "step"), (0.0, 1e-4, "fit"), (0.02, None, "step")],
+                         ids=["plain", "kl_clip", "l2_reg"])
+def test_embedding_takes_first_order_steps(l2_reg, kl_clip, driver, rng, rel_err):
+    """An Embedding (sparse IndexedSlices gradient) trains with the fallback: its table
+    moves by −lr·ν·(∇ + ηw), with KL-clipping and L2 as for every other variable.
+    (Regression test for /work/bugs/curvature-1.md: KL-clipping crashed on it.)"""
+    result = run_one_step("embedding", driver, rng, l2_reg=l2_reg, kl_clip=kl_clip)
+    opt, model = result[:2]
+    (embedding_block,) = [b for b in opt._blocks if isinstance(b, FirstOrderBlock)]
+    assert embedding_block.variables[0] is model.layers[0].embeddings
+    check_update(*result[:5], l2_reg=l2_reg, kl_clip=kl_clip, rel_err=rel_err)
+
+
+@pytest.mark.parametrize("loss_form", list(LOSS_FORMS))
+def test_step_accepts_every_documented_loss_form(loss_form, rng, rel_err):
+    """`attach(model, loss=...)` + `step` takes a loss name, a loss function or a Loss
+    object, and each gives Keras's mean-over-batch objective and the same update.
+    (Regression test for /work/bugs/curvature-2.md: names and functions crashed.)"""
+    result = run_one_step("mlp", "step", rng, loss_form=loss_form)
+    check_update(*result[:5], rel_err=rel_err)
+
+
+def test_pi_adjustment_matches_its_definition(rng):
+    """π = √((tr A / dim A) / (tr G / dim G)) for SPD factors of different sizes."""
+    a, g = rng.normal(size=(5, 5)), rng.normal(size=(3, 3))
+    a, g = a @ a.T + 0.1 * np.eye(5), 0.01 * (g @ g.T)
+    expected = np.sqrt((np.trace(a) / 5) / (np.trace(g) / 3))
+    got = pi_adjustment(tf.constant(a, tf.float32), tf.constant(g, tf.float32))
+    assert float(got) == pytest.approx(expected, rel=1e-5)
