@@ -497,11 +497,17 @@ class KFAC(keras.optimizers.Optimizer):
         update_factors = self._factor_update_due()
         count = tf.cast(self._factor_updates + 1, tf.float32)
         decay = tf.minimum(1.0 - 1.0 / count, self.factor_decay)
-        factors = []
-        for block in kron:
-            for old, new in zip((block.a_factor, block.g_factor), batch_factors[id(block)],
-                                strict=True):
-                factors.append(tf.where(update_factors, decay * old + (1.0 - decay) * new, old))
+        factor_vars = [v for b in kron for v in (b.a_factor, b.g_factor)]
+        batch = [t for b in kron for t in batch_factors[id(b)]]
+
+        def moving_averages():
+            return [decay * old + (1.0 - decay) * new
+                    for old, new in zip(factor_vars, batch, strict=True)]
+
+        def current_factors():
+            return [tf.convert_to_tensor(v) for v in factor_vars]
+
+        factors = tf.cond(update_factors, moving_averages, current_factors) if kron else []
 
         # Inverses: every inverse_update_interval steps, and until first computed.
         refresh = tf.logical_and(ok, tf.logical_or(
@@ -520,12 +526,10 @@ class KFAC(keras.optimizers.Optimizer):
         ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
 
         # Assign: factors, inverses, momentum, weights; all kept on a bad step.
-        state = [v for b in kron for v in (b.a_factor, b.g_factor)]
-        for var, new in zip(state, factors, strict=True):
-            var.assign(tf.where(ok, new, var))
-        state = [v for b in kron for v in (b.a_inverse, b.g_inverse)]
-        for var, new in zip(state, inverses, strict=True):
-            var.assign(tf.where(ok, new, var))
+        # (Factors and inverses are written only on the steps that change them.)
+        _assign_if(tf.logical_and(ok, update_factors), factor_vars, factors)
+        _assign_if(tf.logical_and(ok, refresh),
+                   [v for b in kron for v in (b.a_inverse, b.g_inverse)], inverses)
         for variable, buffer, update, new_buffer in zip(
                 var_list, self._momentums, updates, buffers, strict=True):
             if update is None:
@@ -725,6 +729,19 @@ class KFAC(keras.optimizers.Optimizer):
                     config[key], custom_objects=custom_objects
                 )
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _assign_if(flag: tf.Tensor, variables, values) -> None:
+    """variable.assign(value) for each pair, only when `flag` holds."""
+    if not variables:
+        return
+
+    def assign():
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+        return tf.constant(True)
+
+    tf.cond(flag, assign, lambda: tf.constant(False))
 
 
 def _as_loss_object(loss: Any) -> keras.losses.Loss | None:
