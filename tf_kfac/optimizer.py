@@ -68,6 +68,14 @@ class KFAC(keras.optimizers.Optimizer):
     ν = min(1, √(kl_clip / (lr² Σ⟨V, ∇⟩))) and applied with heavy-ball
     momentum: m ← momentum·m + ν·V, w ← w − lr·m.
 
+    With `adaptive=True` the step follows the paper's §6–7 instead: the update
+    δ = αΔ + μδ₀ (Δ = −V, δ₀ the previous update) takes α and μ from the
+    quadratic model of the objective with the exact mini-batch Fisher, and the
+    damping λ adapts by the Levenberg–Marquardt rule. The first-order fallback
+    variables join the quadratic model with Δ = −∇ and share its α and μ. The
+    scalars that steer the run (`damping`, `gamma`, `alpha`, `mu`, `rho`,
+    `model_change`, `skipped_steps`, `kl_scale`) are in `fit`'s logs.
+
     Use it like any Keras optimizer: `model.compile(optimizer=tf_kfac.KFAC(),
     loss=...)` then `model.fit(...)`. The first `fit` registers every Dense and
     Conv2D layer; `summary()` shows which variable got which treatment. For a
@@ -76,7 +84,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
-            Defaults to `0.1`.
+            Defaults to `0.1`. Ignored when `adaptive=True`.
         momentum: float in [0, 1), or a schedule. Defaults to `0.9`.
         damping: the Tikhonov damping λ > 0, or a schedule. Defaults to `1e-3`.
         l2_reg: the paper's L2 coefficient η ≥ 0: η·w is added to every
@@ -96,9 +104,28 @@ class KFAC(keras.optimizers.Optimizer):
             steps. Defaults to `20`. Factors and inverses are always refreshed
             from the first step's batch.
         kl_clip: the KL-clip bound κ > 0, or `None` to turn it off. Defaults to
-            `1e-3`.
-        seed: int seed of the sampled targets; `None` draws one (and stores it in
-            the config, so a reloaded optimizer continues the same draws).
+            `1e-3`. Ignored when `adaptive=True`.
+        adaptive: use the paper's §6–7 control instead of the learning rate,
+            momentum and KL-clip: the update is δ = αΔ + μδ₀ with α, μ minimising
+            the quadratic model built from exact mini-batch Fisher products, and
+            λ adapted by the Levenberg–Marquardt rule. `damping` is then λ's
+            initial value (the paper starts its autoencoder at 150); `momentum=0`
+            drops the μ term. Defaults to `False`.
+        adapt_gamma: with `adaptive=True`, also choose the factored-Tikhonov
+            strength γ every `gamma_adaptation_interval` steps among {γ, ω₂γ,
+            γ/ω₂} by the quadratic model (§6.6); otherwise γ = √(λ + η).
+            Defaults to `False`.
+        quadratic_model_fraction: fraction of the batch the quadratic model's
+            Fisher products use (the paper: a quarter). Defaults to `0.25`.
+        damping_adaptation_interval: T₁, steps between λ adaptations (ρ is
+            measured on those steps only). Defaults to `5`.
+        gamma_adaptation_interval: T₂, steps between γ adaptations. Defaults to
+            `20`.
+        min_damping, max_damping: bounds on the adapted λ. Default to `1e-8` and
+            `1e8`.
+        seed: int seed of the sampled targets; `None` draws one. The seed is kept
+            in the config and in the optimizer's state, so a reloaded or restored
+            optimizer continues the same draws.
         weight_decay, clipnorm, clipvalue, global_clipnorm, name: as for every
             Keras optimizer; clipping applies to the final update directions.
 
@@ -355,6 +382,8 @@ class KFAC(keras.optimizers.Optimizer):
         self._mu = scalar("kfac_mu")
         self._rho = scalar("kfac_rho")
         self._model_change = scalar("kfac_model_change")
+        # The sampling seed as state too, so a tf.train.Checkpoint carries it.
+        self._seed = scalar("kfac_seed", "int64", self.seed)
         self._momentums = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         for block in blocks:
             block.build(self)
@@ -453,7 +482,7 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.constant(value, tf.float32)
 
     def _sampling_seed(self) -> tf.Tensor:
-        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+        return tf.stack([tf.convert_to_tensor(self._seed), tf.cast(self.iterations, tf.int64)])
 
     def _factor_update_due(self) -> tf.Tensor:
         """Whether this step updates the factors: every interval, and until the first."""
