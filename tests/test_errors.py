@@ -308,3 +308,26 @@ def test_non_finite_batch_skips_the_step(where, bad_batch, adaptive):
     )
     assert history.history["skipped_steps"][-1] == 1
     assert all(np.isfinite(np.asarray(w)).all() for w in model.get_weights())
+
+
+@pytest.mark.parametrize("loss", ["sparse_categorical_crossentropy", "binary_crossentropy"])
+def test_non_finite_logits_skip_the_sampled_step(loss):
+    """With fisher="sampled", a NaN example makes the logits non-finite; drawing
+    targets from them must not crash (a categorical draw from a NaN row is out
+    of range): the step is skipped, counted, and leaves the weights alone."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).random((16, 4)).astype("float32")
+    x[5, 0] = np.nan
+    if loss == "binary_crossentropy":
+        y = (x[:, 1:2] > 0.5).astype("float32")
+        head = keras.layers.Dense(1, activation="sigmoid")
+    else:
+        y = np.random.default_rng(1).integers(0, 3, 16)
+        head = keras.layers.Dense(3, activation="softmax")
+    model = keras.Sequential([keras.Input((4,)), head])
+    model.compile(optimizer=tf_kfac.KFAC(seed=0, fisher="sampled"), loss=loss)
+    before = [w.copy() for w in model.get_weights()]
+    history = model.fit(x[:8], y[:8], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    assert history.history["skipped_steps"] == [1]
+    for new, old in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(new, old)

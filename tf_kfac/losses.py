@@ -156,6 +156,10 @@ class LossSpec:
         if self.kind == _CATEGORICAL:
             classes = tf.shape(z)[-1]
             flat = tf.reshape(z, [-1, classes])
+            # A non-finite logit would draw an out-of-range class and crash the
+            # loss op; sample from finite logits instead and let the step's
+            # finiteness check (the loss itself is not finite) skip the step.
+            flat = tf.where(tf.math.is_finite(flat), flat, tf.zeros_like(flat))
             draws = tf.random.stateless_categorical(flat, 1, seed=seed, dtype=tf.int32)
             draws = tf.stop_gradient(tf.reshape(draws, tf.shape(z)[:-1]))
             nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=draws, logits=z)

@@ -19,6 +19,8 @@ from tf_kfac import adaptive as qmodel
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact")
+FIXED_DAMPING = 1e-3
+ADAPTIVE_DAMPING = 1.0
 
 _UNSUPPORTED_BASE_ARGS = {
     "use_ema": "K-FAC keeps no moving average of the weights",
@@ -85,8 +87,10 @@ class KFAC(keras.optimizers.Optimizer):
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
             Defaults to `0.1`. Ignored when `adaptive=True`.
-        momentum: float in [0, 1), or a schedule. Defaults to `0.9`.
-        damping: the Tikhonov damping λ > 0, or a schedule. Defaults to `1e-3`.
+        momentum: float in [0, 1), or a schedule. Defaults to `0.5` (0.9, common
+            for SGD, overshoots once the KL-clip stops binding late in training).
+        damping: the Tikhonov damping λ > 0, or a schedule. Defaults to `1e-3`,
+            and with `adaptive=True` to `1.0`, λ's initial value.
         l2_reg: the paper's L2 coefficient η ≥ 0: η·w is added to every
             gradient and η to the damping. Defaults to `0.0`. (Keras's
             `weight_decay` keeps its decoupled meaning.)
@@ -116,7 +120,10 @@ class KFAC(keras.optimizers.Optimizer):
             γ/ω₂} by the quadratic model (§6.6); otherwise γ = √(λ + η).
             Defaults to `False`.
         quadratic_model_fraction: fraction of the batch the quadratic model's
-            Fisher products use (the paper: a quarter). Defaults to `0.25`.
+            Fisher products use. Defaults to `1.0`. The paper used a quarter, with
+            large batches and λ₀ = 150; with small batches and small λ a subset
+            lets the model miss the gradient's component outside the subset's
+            curvature and take far too long steps.
         damping_adaptation_interval: T₁, steps between λ adaptations (ρ is
             measured on those steps only). Defaults to `5`.
         gamma_adaptation_interval: T₂, steps between γ adaptations. Defaults to
@@ -138,8 +145,8 @@ class KFAC(keras.optimizers.Optimizer):
     def __init__(
         self,
         learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.1,
-        momentum: float | keras.optimizers.schedules.LearningRateSchedule = 0.9,
-        damping: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
+        momentum: float | keras.optimizers.schedules.LearningRateSchedule = 0.5,
+        damping: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
         l2_reg: float = 0.0,
         fisher: str = "sampled",
         factor_decay: float = 0.95,
@@ -148,7 +155,7 @@ class KFAC(keras.optimizers.Optimizer):
         kl_clip: float | None = 1e-3,
         adaptive: bool = False,
         adapt_gamma: bool = False,
-        quadratic_model_fraction: float = 0.25,
+        quadratic_model_fraction: float = 1.0,
         damping_adaptation_interval: int = 5,
         gamma_adaptation_interval: int = 20,
         min_damping: float = 1e-8,
@@ -180,6 +187,8 @@ class KFAC(keras.optimizers.Optimizer):
             _check_number("learning_rate", learning_rate, 0.0, None, closed_low=False)
         if not _is_schedule(momentum):
             _check_number("momentum", momentum, 0.0, 1.0, closed_low=True)
+        if damping is None:
+            damping = ADAPTIVE_DAMPING if adaptive else FIXED_DAMPING
         if not _is_schedule(damping):
             _check_number("damping", damping, 0.0, None, closed_low=False)
         _check_number("l2_reg", l2_reg, 0.0, None, closed_low=True)
