@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -90,12 +91,44 @@ def data(builder, batch_size: int, steps: int, loss: str):
 def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
     keras.utils.set_random_seed(0)
     model = builder()
-    loss_fn = "mse" if loss == "mse" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss_fn = (
+        "mse" if loss == "mse" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.compile(optimizer=optimizer, loss=loss_fn)
     x, y = data(builder, batch_size, steps, loss)
     timer = StepTimer()
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
     return statistics.median(timer.times[warmup:])
+
+
+NEVER = 10**9  # an interval no benchmark reaches
+
+
+def breakdown(steps: int, repeats: int) -> dict[str, float]:
+    """Where K-FAC's time goes on the MLP at batch 1000, by switching parts off.
+
+    Each variant skips one part of the default step; differences of medians
+    attribute the time (the parts are not perfectly additive).
+    """
+    builder, batch, loss = WORKLOADS["mlp_784-1000-500-250-30_b1000"]
+    variants = {
+        "adam": lambda: keras.optimizers.Adam(),
+        "kfac (defaults)": lambda: tf_kfac.KFAC(),
+        "no inversions": lambda: tf_kfac.KFAC(inverse_update_interval=NEVER),
+        "no sampled backward (empirical)": lambda: tf_kfac.KFAC(fisher="empirical"),
+        "no statistics, no inversions": lambda: tf_kfac.KFAC(
+            factor_update_interval=NEVER, inverse_update_interval=NEVER),
+        "kfac, factors every 5 steps": lambda: tf_kfac.KFAC(factor_update_interval=5),
+        "kfac adaptive": lambda: tf_kfac.KFAC(adaptive=True),
+    }
+    medians = {key: [] for key in variants}
+    for _ in range(repeats):
+        for key, make in variants.items():
+            medians[key].append(time_steps(builder, make(), batch, steps, loss, 5))
+    result = {key: statistics.median(v) * 1e3 for key, v in medians.items()}
+    for key, value in result.items():
+        print(f"  {key:34s} {value:7.1f} ms  ({value / result['adam']:.2f}x Adam)", flush=True)
+    return result
 
 
 def main() -> None:
@@ -104,12 +137,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per optimizer")
     parser.add_argument("--quick", action="store_true", help="30 steps, one repeat")
     parser.add_argument("--only", default=None, help="substring of the workloads to run")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also attribute K-FAC's time on the batch-1000 MLP to its parts")
     args = parser.parse_args()
     steps, repeats = (30, 1) if args.quick else (args.steps, args.repeats)
     warmup = 5
 
     optimizers = {
         "kfac": lambda: tf_kfac.KFAC(),
+        "kfac_adaptive": lambda: tf_kfac.KFAC(adaptive=True),
         "adam": lambda: keras.optimizers.Adam(),
         "sgd": lambda: keras.optimizers.SGD(momentum=0.9),
     }
@@ -123,15 +159,23 @@ def main() -> None:
                 medians[key].append(time_steps(builder, make(), batch, steps, loss, warmup))
         row = {key: statistics.median(values) * 1e3 for key, values in medians.items()}
         row["kfac_over_adam"] = row["kfac"] / row["adam"]
+        row["kfac_adaptive_over_adam"] = row["kfac_adaptive"] / row["adam"]
         row["kfac_over_sgd"] = row["kfac"] / row["sgd"]
         results[name] = row
         print(
-            f"{name:34s} K-FAC {row['kfac']:8.1f} ms  Adam {row['adam']:7.1f} ms  "
-            f"SGD {row['sgd']:7.1f} ms  K-FAC/Adam {row['kfac_over_adam']:5.2f}x",
+            f"{name:32s} K-FAC {row['kfac']:7.1f} ms  adaptive {row['kfac_adaptive']:7.1f} ms  "
+            f"Adam {row['adam']:6.1f} ms  SGD {row['sgd']:6.1f} ms  "
+            f"K-FAC/Adam {row['kfac_over_adam']:4.2f}x  "
+            f"adaptive/Adam {row['kfac_adaptive_over_adam']:4.2f}x",
             flush=True,
         )
+    parts = None
+    if args.breakdown:
+        print("where the time goes (MLP, batch 1000):", flush=True)
+        parts = breakdown(steps, repeats)
     record = {
-        "command": "python benchmarks/step_time.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:]),
+        "breakdown_ms_per_step": parts,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "tf_kfac": tf_kfac.__version__},

@@ -12,10 +12,10 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
+from tf_kfac import adaptive as qmodel
 from tf_kfac import capture
 from tf_kfac.blocks import KroneckerBlock, block_type_for, blocks_for_model
 from tf_kfac.linalg import all_finite
-from tf_kfac import adaptive as qmodel
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact")

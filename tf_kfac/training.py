@@ -146,7 +146,6 @@ def curvature_step(
     # The statistics (and the estimator's extra backward pass) run only on the
     # steps that update the factors.
     flat = tf.cond(optimizer._factor_update_due(), batch_statistics, no_statistics)
-    del tape
     batch_factors = {id(b): (flat[2 * i], flat[2 * i + 1]) for i, b in enumerate(kron_blocks)}
 
     context = None
