@@ -301,7 +301,7 @@ def test_sampled_moving_average_over_steps_approaches_exact(rng, rel_err):
     exact = exact_factors(model, case, x, y)
     weights = model.get_weights()
     opt = tf_kfac.KFAC(learning_rate=1e-12, momentum=0.0, kl_clip=None, damping=1.0,
-                       factor_decay=0.999, fisher="sampled", seed=3)
+                       factor_decay=0.999, fisher="sampled", seed=3, factor_update_interval=1)
     model.compile(optimizer=opt, loss=case.make())
     errors = []
     for steps in (3, 400):
@@ -356,8 +356,9 @@ CONV_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("patches", ["one-hot-conv", "extract-patches"])
 @pytest.mark.parametrize("config", list(CONV_CONFIGS.values()), ids=list(CONV_CONFIGS))
-def test_conv2d_factors_equal_explicit_patch_loop(config, rng, rel_err):
+def test_conv2d_factors_equal_explicit_patch_loop(config, patches, rng, rel_err, monkeypatch):
     """Conv2D (channels_last) Ω and Γ equal explicit loops over examples and positions.
 
     Ω = (1/B) Σᵢ Σₜ āᵢₜāᵢₜᵀ over patches from `patches_loop` (zero padding included),
@@ -365,6 +366,9 @@ def test_conv2d_factors_equal_explicit_patch_loop(config, rng, rel_err):
     where s is recomputed from the looped patches, so the loop itself is checked
     against the layer's output first. Odd input sizes make "same" padding asymmetric.
     """
+    # Both ways the block extracts patches (chosen by patch size) must agree.
+    depth = 0 if patches == "extract-patches" else 10**6
+    monkeypatch.setattr(tf_kfac.blocks.conv2d, "_CONV_PATCH_DEPTH", depth)
     batch, filters = 2, 3
     x = rng.normal(size=(batch, 7, 6, 2)).astype("float32")
     y = rng.normal(size=(batch, 2)).astype("float32")

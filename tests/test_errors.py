@@ -273,7 +273,8 @@ def test_non_finite_batch_skips_the_step(where, bad_batch, adaptive):
     keras.utils.set_random_seed(0)
     x, y = _poison(*_regression_data(n=32), bad_batch, where)
     model = _mlp(outputs=2, activation=None)
-    opt = tf_kfac.KFAC(inverse_update_interval=1, seed=1, adaptive=adaptive,
+    opt = tf_kfac.KFAC(inverse_update_interval=1, factor_update_interval=1, seed=1,
+                       adaptive=adaptive,
                        damping=1.0 if adaptive else 1e-3, damping_adaptation_interval=1)
     model.compile(optimizer=opt, loss="mse")
     states, batch_logs = [], []

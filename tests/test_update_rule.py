@@ -213,3 +213,41 @@ def test_pi_adjustment_matches_its_definition(rng):
     expected = np.sqrt((np.trace(a) / 5) / (np.trace(g) / 3))
     got = pi_adjustment(tf.constant(a, tf.float32), tf.constant(g, tf.float32))
     assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_factor_and_inverse_intervals():
+    """Factors change only on every factor_update_interval-th step (and the first),
+    inverses only on every inverse_update_interval-th step (and the first); the
+    skipped steps keep them exactly and still train the weights."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6 * 8, 3)).astype("float32")
+    y = rng.normal(size=(6 * 8, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(2)])
+    opt = tf_kfac.KFAC(factor_update_interval=3, inverse_update_interval=4, factor_decay=0.0,
+                       fisher="exact")
+    model.compile(optimizer=opt, loss="mse")
+    opt.attach(model)
+    layer = model.layers[0]
+    block = next(b for b in opt._blocks if getattr(b, "layer", None) is layer)
+    snapshots = []
+
+    def record(batch, logs):
+        snapshots.append((block.a_factor.numpy().copy(), block.a_inverse.numpy().copy(),
+                          layer.kernel.numpy().copy()))
+
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=record)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
+    a = [s[0] for s in snapshots]
+    inv = [s[1] for s in snapshots]
+    kernels = [s[2] for s in snapshots]
+    # Steps 0..5: factors refresh on steps 0 and 3, inverses on steps 0 and 4.
+    for step in range(1, 6):
+        same_a = np.array_equal(a[step], a[step - 1])
+        same_inv = np.array_equal(inv[step], inv[step - 1])
+        assert same_a == (step != 3), step
+        assert same_inv == (step != 4), step
+        assert not np.array_equal(kernels[step], kernels[step - 1]), step
+    assert int(opt._factor_updates.numpy()) == 2
+    assert int(opt._inverse_updates.numpy()) == 2

@@ -103,7 +103,9 @@ class KFAC(keras.optimizers.Optimizer):
             update uses min(1 − 1/k, factor_decay), and 0 keeps only the latest
             batch's statistics. Defaults to `0.95`.
         factor_update_interval: update the factors every this many steps.
-            Defaults to `1`.
+            Defaults to `5`: the statistics (and the estimator's extra backward
+            pass) cost as much as a forward-backward pass or more (convolutions:
+            several times more), and refreshing them every step buys little.
         inverse_update_interval: recompute the damped inverses every this many
             steps. Defaults to `20`. Factors and inverses are always refreshed
             from the first step's batch.
@@ -150,7 +152,7 @@ class KFAC(keras.optimizers.Optimizer):
         l2_reg: float = 0.0,
         fisher: str = "sampled",
         factor_decay: float = 0.95,
-        factor_update_interval: int = 1,
+        factor_update_interval: int = 5,
         inverse_update_interval: int = 20,
         kl_clip: float | None = 1e-3,
         adaptive: bool = False,
@@ -723,8 +725,10 @@ class KFAC(keras.optimizers.Optimizer):
         for var, value in ((self._alpha, step.alpha), (self._mu, step.mu),
                            (self._model_change, step.model_change)):
             var.assign(tf.where(keep, value, var))
-        logs = {"gamma": gamma, "alpha": step.alpha, "mu": step.mu,
-                "rho": tf.convert_to_tensor(self._rho), "model_change": step.model_change}
+        # The logs read the state, so a skipped step shows the last finite values.
+        logs = {"gamma": gamma, "alpha": tf.convert_to_tensor(self._alpha),
+                "mu": tf.convert_to_tensor(self._mu), "rho": tf.convert_to_tensor(self._rho),
+                "model_change": tf.convert_to_tensor(self._model_change)}
         buffers = [None if u is None else tf.cast(u, b.dtype)
                    for u, b in zip(updates, self._momentums, strict=True)]
         return updates, buffers, inverses, gamma, logs
