@@ -54,8 +54,7 @@ SWEEPS = {
 }
 # K-FAC's recommended configuration per workload (see README, "Which mode").
 KFAC_CONFIGS = {
-    "autoencoder": {"adaptive": True, "damping": 150.0, "l2_reg": 1e-5,
-                    "quadratic_model_fraction": 0.25},
+    "autoencoder": {"l2_reg": 1e-5},
     "convnet": {},
 }
 BATCH = {"autoencoder": 1000, "convnet": 128}
