@@ -43,8 +43,8 @@ RESULTS = HERE / "results"
 SWEEPS = {
     "autoencoder": {
         "adam": [3e-4, 1e-3, 3e-3],
-        "sgd_nesterov": [1e-4, 3e-4, 1e-3],  # the loss sums 784 pixels
-        "muon": [1e-3, 3e-3, 1e-2],
+        "sgd_nesterov": [1e-4, 3e-4, 1e-3, 3e-3],  # the loss sums 784 pixels
+        "muon": [1e-3, 3e-3, 1e-2, 3e-2],
     },
     "convnet": {
         "adam": [3e-4, 1e-3, 3e-3],
@@ -58,6 +58,8 @@ KFAC_CONFIGS = {
     "convnet": {},
 }
 BATCH = {"autoencoder": 1000, "convnet": 128}
+# A few error levels to report the time to (besides the best baseline's final error).
+THRESHOLDS = {"autoencoder": [30.0, 15.0, 10.0, 5.0], "convnet": [5.0, 3.0, 2.0, 1.5]}
 
 
 def _optimizer(name: str, lr: float | None, workload: str, seed: int):
@@ -196,6 +198,14 @@ def summarise(workload: str, runs: list[dict], budget: float) -> tuple[str, dict
         if best:
             cells.append("not reached" if reach is None else f"{reach:.1f} s")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Time to each error level (training seconds; best learning rate of each "
+              "optimizer):", "",
+              "| optimizer | " + " | ".join(f"≤ {t:g}" for t in THRESHOLDS[workload]) + " |",
+              "|---|" + "---|" * len(THRESHOLDS[workload])]
+    for r in [kfac, *sorted(best_per.values(), key=final)]:
+        times = [time_to(r["curve"], t) for t in THRESHOLDS[workload]]
+        lines.append(f"| {r['optimizer']} | " + " | ".join(
+            "—" if t is None else f"{t:.1f} s" for t in times) + " |")
     verdict = {}
     if best:
         reach = time_to(kfac["curve"], final(best))
@@ -224,11 +234,14 @@ def plot(results: dict, path: Path) -> None:
     for row, (workload, runs) in enumerate(results.items()):
         for col, (index, label) in enumerate(((0, "training seconds"), (1, "steps"))):
             ax = axes[row][col]
-            for r in runs:
+            colors = plt.get_cmap("tab20").colors
+            for i, r in enumerate(runs):
                 xs = [p[index] for p in r["curve"][1:]]
                 ys = [p[2] for p in r["curve"][1:]]
                 name = r["optimizer"] + ("" if r["lr"] is None else f" {r['lr']:g}")
-                ax.plot(xs, ys, label=name, linewidth=2.5 if r["optimizer"] == "kfac" else 1)
+                kfac = r["optimizer"] == "kfac"
+                ax.plot(xs, ys, label=name, color="black" if kfac else colors[i % len(colors)],
+                        linewidth=2.5 if kfac else 1)
             ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("error")
@@ -250,7 +263,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="20 s a run and one learning rate per baseline (smoke run)")
+    parser.add_argument("--optimizers", nargs="+", default=None,
+                        choices=["kfac", "adam", "sgd_nesterov", "muon"],
+                        help="run only these (default: all)")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the existing results file, running only the "
+                             "configurations it does not hold yet")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="only rebuild the table and plot from this results JSON")
     args = parser.parse_args(argv)
+    if args.report is not None:
+        return report(json.loads(args.report.read_text()), args.report.with_suffix(""))
     budget = 20.0 if args.quick else args.budget
     evaluations = 10 if args.quick else args.evaluations
 
@@ -263,8 +286,21 @@ def main(argv=None) -> dict:
     for spec in specs:
         spec.update(budget=budget, evaluations=evaluations, seed=args.seed,
                     data_dir=args.data_dir)
+    if args.optimizers:
+        specs = [s for s in specs if s["optimizer"] in args.optimizers]
 
+    suffix = "_quick" if args.quick else ""
+    stem = RESULTS / f"time_to_target{suffix}"
     results: dict[str, list] = {w: [] for w in args.workloads}
+    previous = None
+    if args.append and stem.with_suffix(".json").exists():
+        previous = json.loads(stem.with_suffix(".json").read_text())
+        if previous["budget_s"] != budget:
+            parser.error(f"--append: the results file has a budget of {previous['budget_s']} s")
+        for workload, runs in previous["runs"].items():
+            results.setdefault(workload, []).extend(runs)
+        done = {(r["workload"], r["optimizer"], r["lr"]) for rs in results.values() for r in rs}
+        specs = [s for s in specs if (s["workload"], s["optimizer"], s["lr"]) not in done]
     context = multiprocessing.get_context("spawn")
     for spec in specs:
         with context.Pool(1) as pool:
@@ -274,21 +310,28 @@ def main(argv=None) -> dict:
               f"steps={run['steps']:5d} {run['median_step_ms']:7.1f} ms/step "
               f"final error {run['curve'][-1][2]:.4g}", flush=True)
 
-    suffix = "_quick" if args.quick else ""
     command = "python benchmarks/time_to_target.py " + " ".join(argv or sys.argv[1:])
-    tables, verdicts = [], {}
-    for workload, runs in results.items():
-        table, verdicts[workload] = summarise(workload, runs, budget)
-        tables.append(table)
+    if previous is not None:
+        command = f"{previous['command']}; then {command}"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    markdown = "\n\n".join([f"Command: `{command.strip()}`  \nMachine: {machine}", *tables])
+    record = {"command": command.strip(), "machine": machine, "budget_s": budget,
+              "kfac_configs": KFAC_CONFIGS, "sweeps": SWEEPS, "runs": results}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"time_to_target{suffix}.md").write_text(markdown + "\n")
-    (RESULTS / f"time_to_target{suffix}.json").write_text(json.dumps(
-        {"command": command.strip(), "machine": machine, "budget_s": budget,
-         "kfac_configs": KFAC_CONFIGS, "sweeps": SWEEPS, "verdicts": verdicts,
-         "runs": results}, indent=1))
-    plot(results, RESULTS / f"time_to_target{suffix}.png")
+    return report(record, stem)
+
+
+def report(record: dict, stem: Path) -> dict:
+    """Writes `stem`.md, .json and .png from a results record; returns the verdicts."""
+    tables, verdicts = [], {}
+    for workload, runs in record["runs"].items():
+        table, verdicts[workload] = summarise(workload, runs, record["budget_s"])
+        tables.append(table)
+    record["verdicts"] = verdicts
+    markdown = "\n\n".join(
+        [f"Command: `{record['command']}`  \nMachine: {record['machine']}", *tables])
+    stem.with_suffix(".md").write_text(markdown + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    plot(record["runs"], stem.with_suffix(".png"))
     print("\n" + markdown)
     return verdicts
 

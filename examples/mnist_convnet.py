@@ -32,8 +32,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import tf_kfac  # noqa: E402
 
@@ -41,6 +39,7 @@ EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:  # also when imported from tests or benchmarks
     sys.path.insert(0, str(EXAMPLES))
 
+from example_utils import History, export_and_check  # noqa: E402
 from mnist_data import load_mnist, to_float, train_heldout_split  # noqa: E402
 
 REPO_ROOT = EXAMPLES.parent
@@ -153,12 +152,6 @@ class Monitor(keras.callbacks.Callback):
             self.print_row(record)
 
 
-class History(dict):
-    """The per-epoch history (name → list of values); `.model` is the exported model."""
-
-    model: keras.Model | None = None
-
-
 def table_printer(columns):
     header = (f"{'epoch':>5} {'steps':>6} {'seconds':>8} {'loss':>8} {'accuracy':>9} "
               f"{'val loss':>9} {'val acc':>8}")
@@ -200,16 +193,6 @@ def plot(history: dict, title: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def export(model: keras.Model, export_dir: Path, x: np.ndarray) -> None:
-    """Exports `model` and checks that the SavedModel serves what `predict` returns."""
-    expected = model.predict(x, verbose=0)
-    model.export(str(export_dir), verbose=False)
-    served = tf.saved_model.load(str(export_dir))  # keep a reference while serving
-    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), expected,
-                               rtol=1e-5, atol=1e-6)
-    print(f"Exported the SavedModel to {export_dir}: serve() matches predict().")
 
 
 def describe(args) -> str:
@@ -260,7 +243,7 @@ def main(argv=None) -> History:
     print(f"Plot saved to {args.plot}")
 
     classifier = keras.Sequential([model, keras.layers.Softmax()], name="mnist_convnet_classify")
-    export(classifier, args.export, x_val[:256])
+    export_and_check(classifier, args.export, x_val[:256])
     history.model = classifier
     return history
 

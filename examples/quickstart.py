@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from example_utils import export_and_check  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
@@ -155,11 +155,7 @@ def check_saved_model(model: keras.Model, x: np.ndarray) -> None:
         np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
         print(f"Saved and reloaded {keras_file.name}: predictions match.")
 
-    model.export(str(EXPORT_DIR), verbose=False)
-    exported = tf.saved_model.load(str(EXPORT_DIR))  # keep a reference while serving
-    served = exported.serve(tf.constant(x)).numpy()
-    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
-    print(f"Exported the SavedModel to {EXPORT_DIR}: serve() matches predict().")
+    export_and_check(model, EXPORT_DIR, x)
 
 
 def main(argv=None) -> None:
