@@ -59,6 +59,7 @@ EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:  # also when imported from tests or benchmarks
     sys.path.insert(0, str(EXAMPLES))
 
+import example_utils  # noqa: E402
 from example_utils import History, export_and_check  # noqa: E402
 from mnist_data import load_mnist, to_float  # noqa: E402
 
@@ -183,46 +184,19 @@ def make_optimizer(args) -> keras.optimizers.Optimizer:
     return tf_kfac.KFAC(**options)
 
 
-class Monitor(keras.callbacks.Callback):
-    """Training clock, time budget, and the error on the whole training set per epoch.
-
-    `seconds` counts training only: from each epoch's start to its last batch,
-    so the end-of-epoch evaluation is not charged to the optimizer.
-    """
+class Monitor(example_utils.Monitor):
+    """Adds the objective and the error on the whole training set to each epoch's record."""
 
     def __init__(self, x_eval, batch_size, budget=None, print_row=None):
-        super().__init__()
+        super().__init__(budget=budget, print_row=print_row)
         self.x_eval = x_eval
         self.batch_size = batch_size
-        self.budget = budget
-        self.print_row = print_row
-        self.records: list[dict] = []
 
-    def on_train_begin(self, logs=None):
-        self.elapsed = 0.0
-        self.steps = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._last = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
-        self.steps += 1
-        if self.budget is not None and self.elapsed + self._last - self._start >= self.budget:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.elapsed += self._last - self._start
+    def measure(self) -> dict:
         measured = self.model.evaluate(self.x_eval, self.x_eval, batch_size=self.batch_size,
                                        verbose=0, return_dict=True)
-        record = {"epoch": epoch + 1, "steps": self.steps, "seconds": self.elapsed,
-                  "train_loss": float(measured["loss"]),
-                  "train_error": float(measured["reconstruction_error"])}
-        for key, value in (logs or {}).items():
-            record[key] = float(value)
-        self.records.append(record)
-        if self.print_row is not None:
-            self.print_row(record)
+        return {"train_loss": float(measured["loss"]),
+                "train_error": float(measured["reconstruction_error"])}
 
 
 def table_printer(columns):

@@ -39,7 +39,7 @@ EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:  # also when imported from tests or benchmarks
     sys.path.insert(0, str(EXAMPLES))
 
-from example_utils import History, export_and_check  # noqa: E402
+from example_utils import History, Monitor, export_and_check  # noqa: E402
 from mnist_data import load_mnist, to_float, train_heldout_split  # noqa: E402
 
 REPO_ROOT = EXAMPLES.parent
@@ -114,42 +114,6 @@ def make_optimizer(args) -> keras.optimizers.Optimizer:
     if args.learning_rate is not None and not args.adaptive:
         options["learning_rate"] = args.learning_rate
     return tf_kfac.KFAC(**options)
-
-
-class Monitor(keras.callbacks.Callback):
-    """Training clock, time budget and the per-epoch table.
-
-    `seconds` counts training only: from each epoch's start to its last batch,
-    so the held-out evaluation is not charged to the optimizer.
-    """
-
-    def __init__(self, budget=None, print_row=None):
-        super().__init__()
-        self.budget = budget
-        self.print_row = print_row
-        self.records: list[dict] = []
-
-    def on_train_begin(self, logs=None):
-        self.elapsed = 0.0
-        self.steps = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._last = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
-        self.steps += 1
-        if self.budget is not None and self.elapsed + self._last - self._start >= self.budget:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.elapsed += self._last - self._start
-        record = {"epoch": epoch + 1, "steps": self.steps, "seconds": self.elapsed}
-        for key, value in (logs or {}).items():
-            record[key] = float(value)
-        self.records.append(record)
-        if self.print_row is not None:
-            self.print_row(record)
 
 
 def table_printer(columns):

@@ -155,15 +155,19 @@ def _check_run(history, export_dir: Path, plot: Path, x: np.ndarray) -> None:
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_autoencoder_example_runs(mnist_data, tmp_path):
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_autoencoder_example_runs(mnist_data, tmp_path, mode):
     autoencoder = _import_example("mnist_autoencoder")
     images, _ = _write_split(tmp_path, "train", 64)
     export_dir, plot = tmp_path / "export", tmp_path / "curve.png"
     history = autoencoder.main([
         "--data-dir", str(tmp_path), "--epochs", "1", "--batch-size", "32",
         "--export", str(export_dir), "--plot", str(plot),
+        "--adaptive" if mode == "adaptive" else "--no-adaptive",
     ])
-    for key in ("seconds", "loss", "train_loss", "train_error", "damping", "alpha", "mu", "rho"):
+    keys = ["seconds", "loss", "train_loss", "train_error", "damping", "skipped_steps"]
+    keys += ["alpha", "mu", "rho"] if mode == "adaptive" else ["kl_scale"]
+    for key in keys:
         assert key in history, key
     assert history["steps"] == [2]
     # The reported objective sums over the 784 pixels (a mean over them would be below 10).
