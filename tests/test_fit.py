@@ -374,3 +374,29 @@ def test_sampled_fisher_is_reproducible_by_seed():
     _assert_weights_equal(first, again, rtol=0, atol=0)
     assert any(not np.allclose(a, b, rtol=1e-6, atol=1e-7)
                for a, b in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_unbuilt_subclassed_model_trains_with_sampled_fisher(run_eagerly):
+    """A subclassed model never called before `fit` is built by K-FAC's first
+    forward pass, which already draws sampled targets (before the optimizer's
+    state exists); training works and the factors are set."""
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(4, activation="tanh")
+            self.head = keras.layers.Dense(3, activation="softmax")
+
+        def call(self, x):
+            return self.head(self.hidden(x))
+
+    rng = np.random.default_rng(0)
+    model = Net()
+    opt = tf_kfac.KFAC(fisher="sampled", seed=5)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", run_eagerly=run_eagerly)
+    history = model.fit(rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, 16),
+                        batch_size=8, verbose=0)
+    assert history.history["skipped_steps"] == [0]
+    _, g = opt.kronecker_factors(model.head)
+    assert np.abs(g.numpy()).sum() > 0

@@ -493,7 +493,10 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.constant(value, tf.float32)
 
     def _sampling_seed(self) -> tf.Tensor:
-        return tf.stack([tf.convert_to_tensor(self._seed), tf.cast(self.iterations, tf.int64)])
+        # Before the first build (an unbuilt model is built by its first forward
+        # pass) the state does not exist yet; it holds this same seed.
+        seed = tf.convert_to_tensor(self._seed) if self.built else tf.constant(self.seed, tf.int64)
+        return tf.stack([seed, tf.cast(self.iterations, tf.int64)])
 
     def _factor_update_due(self) -> tf.Tensor:
         """Whether this step updates the factors: every interval, and until the first."""

@@ -6,7 +6,6 @@ import tensorflow as tf
 
 from tf_kfac.blocks.base import KroneckerBlock
 
-
 # Up to this patch size (kh·kw·c_in) patches come from a one-hot convolution,
 # above it from tf.image.extract_patches (the faster of the two on each side).
 _CONV_PATCH_DEPTH = 128
