@@ -266,6 +266,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--optimizers", nargs="+", default=None,
                         choices=["kfac", "adam", "sgd_nesterov", "muon"],
                         help="run only these (default: all)")
+    parser.add_argument("--lrs", nargs="+", default=None, metavar="OPTIMIZER=LR",
+                        help="replace an optimizer's sweep by these learning rates "
+                             "(e.g. adam=1e-3), to rerun the best of a sweep at a longer budget")
+    parser.add_argument("--name", default="time_to_target",
+                        help="stem of the results files in benchmarks/results/")
     parser.add_argument("--append", action="store_true",
                         help="add to the existing results file, running only the "
                              "configurations it does not hold yet")
@@ -277,11 +282,16 @@ def main(argv=None) -> dict:
     budget = 20.0 if args.quick else args.budget
     evaluations = 10 if args.quick else args.evaluations
 
+    chosen: dict[str, list[float]] = {}
+    for item in args.lrs or []:
+        name, _, value = item.partition("=")
+        chosen.setdefault(name, []).append(float(value))
     specs = []
     for workload in args.workloads:
         specs.append({"workload": workload, "optimizer": "kfac", "lr": None})
         for name, lrs in SWEEPS[workload].items():
-            for lr in lrs[1:2] if args.quick else lrs:
+            lrs = chosen.get(name, lrs)
+            for lr in lrs[1:2] if args.quick and name not in chosen else lrs:
                 specs.append({"workload": workload, "optimizer": name, "lr": lr})
     for spec in specs:
         spec.update(budget=budget, evaluations=evaluations, seed=args.seed,
@@ -290,7 +300,7 @@ def main(argv=None) -> dict:
         specs = [s for s in specs if s["optimizer"] in args.optimizers]
 
     suffix = "_quick" if args.quick else ""
-    stem = RESULTS / f"time_to_target{suffix}"
+    stem = RESULTS / f"{args.name}{suffix}"
     results: dict[str, list] = {w: [] for w in args.workloads}
     previous = None
     if args.append and stem.with_suffix(".json").exists():

@@ -56,7 +56,8 @@ def adapt_damping(damping, rho, interval: int, low: float, high: float):
     return tf.clip_by_value(damping, low, high)
 
 
-def _dot(xs: Sequence[tf.Tensor | None], ys: Sequence[tf.Tensor | None]) -> tf.Tensor:
+def inner_product(xs: Sequence[tf.Tensor | None], ys: Sequence[tf.Tensor | None]) -> tf.Tensor:
+    """Σ over the pairs of ⟨x, y⟩, skipping pairs with a None; a float32 scalar."""
     terms = [
         tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32))
         for x, y in zip(xs, ys, strict=True)
@@ -159,9 +160,9 @@ class QuadraticModel:
             jvps.append(self.previous_jvp)
         fisher = fisher_gram(self.context, jvps, z)
         k = len(vectors)
-        dots = tf.stack([tf.stack([_dot(vectors[i], vectors[j]) for j in range(k)])
+        dots = tf.stack([tf.stack([inner_product(vectors[i], vectors[j]) for j in range(k)])
                          for i in range(k)])
-        grad = tf.stack([_dot(self.gradients, v) for v in vectors])
+        grad = tf.stack([inner_product(self.gradients, v) for v in vectors])
         undamped = fisher + self.l2_reg * dots
         damped = undamped + self.damping * dots
         alpha1 = -grad[0] / tf.maximum(damped[0, 0], 1e-30)
@@ -188,5 +189,5 @@ def reduction_ratio(loss_before, loss_after, variables, update, l2_reg: float,
     """ρ = (h(θ+δ) − h(θ)) / M̃(δ), h including the L2 term η/2‖θ‖²."""
     actual = tf.cast(loss_after, tf.float32) - tf.cast(loss_before, tf.float32)
     if l2_reg:
-        actual += l2_reg * (_dot(variables, update) + 0.5 * _dot(update, update))
+        actual += l2_reg * (inner_product(variables, update) + 0.5 * inner_product(update, update))
     return actual / tf.minimum(undamped_change, -1e-30)

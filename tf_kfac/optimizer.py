@@ -641,7 +641,7 @@ class KFAC(keras.optimizers.Optimizer):
         directions = self._directions(grads, inverses)
         logs = {}
         if self.kl_clip is not None:
-            inner = qmodel._dot(directions, grads)
+            inner = qmodel.inner_product(directions, grads)
             scale = tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)))
             directions = [None if d is None else d * tf.cast(scale, d.dtype) for d in directions]
             logs["kl_scale"] = scale
