@@ -187,3 +187,35 @@ def in_symbolic_build() -> bool:
     except ImportError as error:  # pragma: no cover - depends on Keras
         raise _changed("keras.src.backend.common.symbolic_scope.in_symbolic_scope") from error
     return bool(in_symbolic_scope())
+
+
+# --------------------------------------------------------------------------
+# Optimizer state that is local to each replica.
+# --------------------------------------------------------------------------
+
+
+def add_replica_local_variable(optimizer: Any, shape, name: str) -> keras.Variable:
+    """A float32 optimizer variable that each replica keeps for itself.
+
+    Under a distribution strategy, writes from a replica change only that
+    replica's copy, and reading it outside the replicas (saving, checkpoints)
+    gives the mean across replicas; restoring writes every copy. Without a
+    strategy it is an ordinary variable. `Optimizer.add_variable` has no
+    `synchronization` argument, so the variable is created here and tracked
+    the way `add_variable` tracks its own (by creation order).
+    """
+    track = getattr(optimizer, "_track_variable", None)
+    if not callable(track):
+        raise _changed("Optimizer._track_variable")
+    with keras.name_scope(optimizer.name, caller=optimizer):
+        variable = keras.Variable(
+            initializer=keras.initializers.Zeros(),
+            shape=shape,
+            dtype="float32",
+            trainable=False,
+            aggregation="mean",
+            synchronization="on_read",
+            name=name,
+        )
+    track(variable)
+    return variable

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import distribute
 from tf_kfac.losses import LossSpec
 
 RHO_HIGH = 0.75
@@ -76,7 +77,8 @@ class OutputContext:
         inputs: the subset of the batch the quadratic model uses.
         example_weights: the subset's sample weights.
         spec: the loss's predictive distribution.
-        batch_size: the full batch size B (for the `"sum"` reduction).
+        batch_size: the full (global, across replicas) batch size B, for the
+            `"sum"` reduction.
     """
 
     network_output: Callable
@@ -158,7 +160,8 @@ class QuadraticModel:
         if self.use_momentum:
             vectors.append(self.previous)
             jvps.append(self.previous_jvp)
-        fisher = fisher_gram(self.context, jvps, z)
+        # Each replica's products are over its share of the batch: average them.
+        (fisher,) = distribute.all_reduce("mean", [fisher_gram(self.context, jvps, z)])
         k = len(vectors)
         dots = tf.stack([tf.stack([inner_product(vectors[i], vectors[j]) for j in range(k)])
                          for i in range(k)])

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
 from tf_kfac import adaptive as qmodel
-from tf_kfac import capture
+from tf_kfac import capture, distribute
 from tf_kfac.blocks import KroneckerBlock, block_type_for, blocks_for_model
 from tf_kfac.linalg import all_finite
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
@@ -292,13 +292,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "Train in float32, or with the 'mixed_bfloat16' policy, which needs no "
                 "loss scaling."
             )
-        if tf.distribute.has_strategy() and (
-            tf.distribute.get_strategy().num_replicas_in_sync > 1
-        ):
-            raise ValueError(
-                "KFAC does not support distribution strategies with more than one "
-                "replica yet. Train on one device (no strategy scope)."
-            )
+        self._check_distribution()
         if state.registered and attached is model and (loss is None or state.loss_given == loss):
             return
         candidates = [
@@ -327,6 +321,17 @@ class KFAC(keras.optimizers.Optimizer):
         state.registered = True
         if not self.built and model.built:
             self.build(model.trainable_variables)
+
+    def _check_distribution(self) -> None:
+        strategy = tf.distribute.get_strategy()
+        distribute.check_strategy(strategy)
+        if self.adapt_gamma and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "KFAC(adapt_gamma=True) is not supported with more than one replica yet: "
+                "choosing γ inverts the factors three times inside a conditional step, "
+                "which cannot share work across replicas. Use adapt_gamma=False (γ then "
+                "follows the adapted damping) or train on one device."
+            )
 
     def _resolve_spec(self, model, loss) -> LossSpec | None:
         if loss is None:
@@ -371,6 +376,7 @@ class KFAC(keras.optimizers.Optimizer):
             )
         if self._kfac.model() is None:
             self._kfac.model = weakref.ref(model)
+        self._check_distribution()
         super().build(var_list)
         blocks = blocks_for_model(internals.flatten_layers(model), var_list)
         if not any(isinstance(b, KroneckerBlock) for b in blocks):
@@ -399,6 +405,11 @@ class KFAC(keras.optimizers.Optimizer):
         for block in blocks:
             block.build(self)
         self._kfac.blocks = blocks
+        # How many layers' inverses this replica computed (diagnostics, not saved).
+        self._kfac.inversions = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="kfac_inversions",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM)
 
     # ------------------------------------------------------------- user API
     def step(self, x, y, sample_weight=None) -> dict[str, tf.Tensor]:
@@ -428,7 +439,9 @@ class KFAC(keras.optimizers.Optimizer):
         def objective(y_pred):
             value = loss_fn(y, y_pred, sample_weight=sample_weight)
             if model.losses:
-                value = value + tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+                # Like Keras: under a strategy each replica carries 1/replicas of them.
+                extra = tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+                value = value + extra / tf.cast(distribute.num_replicas(), value.dtype)
             return value
 
         _, loss, logs = curvature_step(self, model, x, y, sample_weight, forward, objective)
@@ -496,7 +509,10 @@ class KFAC(keras.optimizers.Optimizer):
         # Before the first build (an unbuilt model is built by its first forward
         # pass) the state does not exist yet; it holds this same seed.
         seed = tf.convert_to_tensor(self._seed) if self.built else tf.constant(self.seed, tf.int64)
-        return tf.stack([seed, tf.cast(self.iterations, tf.int64)])
+        seed = tf.stack([seed, tf.cast(self.iterations, tf.int64)])
+        if distribute.num_replicas() > 1:  # different draws on every replica
+            seed = tf.random.experimental.stateless_fold_in(seed, distribute.replica_id())
+        return seed
 
     def _factor_update_due(self) -> tf.Tensor:
         """Whether this step updates the factors: every interval, and until the first."""
@@ -530,11 +546,22 @@ class KFAC(keras.optimizers.Optimizer):
 
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                  for g in grads]
+        statistics = [t for b in kron for t in batch_factors[id(b)]]
+        # Across replicas: the objective and gradients are summed (each replica's
+        # loss is scaled by 1/replicas), with a count of replicas whose
+        # statistics were not finite; the statistics themselves stay local.
+        present = [i for i, g in enumerate(grads) if g is not None]
+        local_bad = 1.0 - tf.cast(all_finite(statistics), tf.float32)
+        reduced = distribute.all_reduce(
+            "sum", [tf.cast(loss, tf.float32), local_bad, *[grads[i] for i in present]])
+        loss, bad = reduced[0], reduced[1]
+        for i, g in zip(present, reduced[2:], strict=True):
+            grads[i] = g
         if self.l2_reg:
             grads = [g if g is None else g + tf.cast(self.l2_reg, g.dtype) * v
                      for g, v in zip(grads, var_list, strict=True)]
-        statistics = [t for b in kron for t in batch_factors[id(b)]]
-        ok = all_finite([loss, *[g for g in grads if g is not None], *statistics])
+        ok = tf.logical_and(tf.equal(bad, 0.0),
+                            all_finite([loss, *[g for g in grads if g is not None]]))
 
         # Factors: moving averages, debiased at the start.
         update_factors = self._factor_update_due()
@@ -561,58 +588,97 @@ class KFAC(keras.optimizers.Optimizer):
         if not self.adaptive:
             inverses = self._inverses(kron, factors, gamma, refresh)
             updates, buffers, step_logs = self._fixed_step(grads, inverses)
+            writes = [(self._damping, damping, None)]
         else:
-            updates, buffers, inverses, gamma, step_logs = self._adaptive_step(
+            updates, buffers, inverses, gamma, step_logs, writes = self._adaptive_step(
                 grads, loss, factors, gamma, damping, refresh, ok, context)
             refresh = tf.logical_or(refresh, self._gamma_adaptation_due(ok))
         logs.update(step_logs)
         ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
 
-        # Assign: factors, inverses, momentum, weights; all kept on a bad step.
-        # (Factors and inverses are written only on the steps that change them.)
-        _assign_if(tf.logical_and(ok, update_factors), factor_vars, factors)
-        _assign_if(tf.logical_and(ok, refresh),
-                   [v for b in kron for v in (b.a_inverse, b.g_inverse)], inverses)
+        # Write factors, inverses, momentum, weights; all kept on a bad step.
+        # Factors and inverses are written only on the steps that change them;
+        # the factors are replica-local, everything else the same everywhere.
+        distribute.write_local([(v, value, tf.logical_and(ok, update_factors))
+                                for v, value in zip(factor_vars, factors, strict=True)])
+        fresh = tf.logical_and(ok, refresh)
+        writes += [(v, value, fresh) for v, value in zip(
+            [v for b in kron for v in (b.a_inverse, b.g_inverse)], inverses, strict=True)]
         for variable, buffer, update, new_buffer in zip(
                 var_list, self._momentums, updates, buffers, strict=True):
             if update is None:
                 continue
-            buffer.assign(tf.where(ok, new_buffer, buffer))
-            variable.assign_add(tf.where(ok, update, tf.zeros_like(update)))
+            writes.append((buffer, tf.where(ok, new_buffer, buffer), None))
+            value = variable + tf.where(ok, update, tf.zeros_like(update))
             if variable.constraint is not None:
-                variable.assign(variable.constraint(variable))
+                value = variable.constraint(value)
+            writes.append((variable, value, None))
 
         ok64 = tf.cast(ok, tf.int64)
-        self._factor_updates.assign_add(ok64 * tf.cast(update_factors, tf.int64))
-        self._inverse_updates.assign_add(tf.cast(refresh, tf.int64) * ok64)
-        self._skipped_steps.assign_add(1 - ok64)
-        if not self.adaptive:
-            self._damping.assign(damping)
-        self._gamma.assign(tf.where(ok, gamma, self._gamma))
+        skipped = self._skipped_steps + (1 - ok64)
+        writes += [
+            (self._factor_updates,
+             self._factor_updates + ok64 * tf.cast(update_factors, tf.int64), None),
+            (self._inverse_updates, self._inverse_updates + tf.cast(refresh, tf.int64) * ok64,
+             None),
+            (self._skipped_steps, skipped, None),
+            (self._gamma, tf.where(ok, gamma, self._gamma), None),
+        ]
+        distribute.write(writes)
         self._iterations.assign_add(1)
-        logs["skipped_steps"] = tf.convert_to_tensor(self._skipped_steps)
+        logs["skipped_steps"] = skipped
         return logs
 
     def _inverses(self, kron, factors, gamma, refresh) -> list[tf.Tensor]:
-        """Damped inverses at γ when `refresh`, else the stored ones (flat, A⁻¹ then G⁻¹)."""
+        """Damped inverses at γ when `refresh`, else the stored ones (flat, A⁻¹ then G⁻¹).
 
-        def new():
-            out = []
-            for i, block in enumerate(kron):
-                pair = block.damped_inverses(factors[2 * i], factors[2 * i + 1], gamma)
-                keep = all_finite(pair)
-                out.extend(tf.where(keep, fresh, tf.convert_to_tensor(old)) for fresh, old in
-                           zip(pair, (block.a_inverse, block.g_inverse), strict=True))
-            return out
+        With several replicas the factors (each replica's moving averages) are
+        averaged first, each layer is inverted on the one replica that owns it,
+        and the inverses are shared (tf_kfac/distribute.py).
+        """
 
         def old():
             return [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
 
+        def invert(i, block, a_factor, g_factor):
+            pair = block.damped_inverses(a_factor, g_factor, gamma)
+            keep = all_finite(pair)
+            self._kfac.inversions.assign_add(1)
+            return [tf.where(keep, fresh, tf.convert_to_tensor(previous)) for fresh, previous
+                    in zip(pair, (block.a_inverse, block.g_inverse), strict=True)]
+
         if not kron:
             return []
-        if isinstance(refresh, bool):
-            return new() if refresh else old()
-        return tf.cond(refresh, new, old)
+        replicas = distribute.num_replicas()
+        if replicas == 1:
+            def new():
+                return [t for i, b in enumerate(kron)
+                        for t in invert(i, b, factors[2 * i], factors[2 * i + 1])]
+
+            if isinstance(refresh, bool):
+                return new() if refresh else old()
+            return tf.cond(refresh, new, old)
+
+        averaged = distribute.all_reduce_when(refresh, "mean", factors)
+        owners = distribute.inverse_owners([b.inverse_cost for b in kron], replicas)
+        me = distribute.replica_id()
+
+        def owned():  # this replica's layers; zeros for the others'
+            out = []
+            for i, block in enumerate(kron):
+                if owners[i] == me:
+                    out.extend(invert(i, block, averaged[2 * i], averaged[2 * i + 1]))
+                else:
+                    out.extend(tf.zeros(v.shape, tf.float32)
+                               for v in (block.a_inverse, block.g_inverse))
+            return out
+
+        def zeros():
+            return [tf.zeros(v.shape, tf.float32) for b in kron
+                    for v in (b.a_inverse, b.g_inverse)]
+
+        shared = distribute.all_reduce_when(refresh, "sum", tf.cond(refresh, owned, zeros))
+        return tf.cond(refresh, lambda: shared, old)
 
     def _directions(self, grads, inverses) -> list[tf.Tensor | None]:
         """V: each block's preconditioned gradient (the gradient for first-order blocks)."""
@@ -711,30 +777,36 @@ class KFAC(keras.optimizers.Optimizer):
         iteration = tf.cast(self.iterations, tf.int64)
         rho_due = tf.logical_and(ok, tf.equal(iteration % self.damping_adaptation_interval, 0))
 
-        def measure_rho():
-            after = context.objective_at(updates)
-            values = [tf.convert_to_tensor(v) for v in var_list]
-            return qmodel.reduction_ratio(loss, after, values, updates, self.l2_reg,
+        # h(θ + δ) is this replica's share of the objective (a forward pass, only
+        # when due); the shares are summed outside the conditional.
+        after = tf.cond(rho_due, lambda: tf.cast(context.objective_at(updates), tf.float32),
+                        lambda: tf.constant(0.0))
+        (after,) = distribute.all_reduce("sum", [after])
+        values = [tf.convert_to_tensor(v) for v in var_list]
+        measured = qmodel.reduction_ratio(loss, after, values, updates, self.l2_reg,
                                           step.undamped_change)
-
-        rho = tf.cond(rho_due, measure_rho, lambda: tf.convert_to_tensor(self._rho))
+        rho = tf.where(rho_due, measured, tf.convert_to_tensor(self._rho))
         rho_ok = tf.logical_and(rho_due, tf.math.is_finite(rho))
         new_damping = qmodel.adapt_damping(damping, rho, self.damping_adaptation_interval,
                                            self.min_damping, self.max_damping)
         finite_step = all_finite([step.alpha, step.mu, step.model_change])
         keep = tf.logical_and(ok, finite_step)
-        self._damping.assign(tf.where(tf.logical_and(keep, rho_ok), new_damping, damping))
-        self._rho.assign(tf.where(tf.logical_and(keep, rho_ok), rho, self._rho))
-        for var, value in ((self._alpha, step.alpha), (self._mu, step.mu),
-                           (self._model_change, step.model_change)):
-            var.assign(tf.where(keep, value, var))
-        # The logs read the state, so a skipped step shows the last finite values.
-        logs = {"gamma": gamma, "alpha": tf.convert_to_tensor(self._alpha),
-                "mu": tf.convert_to_tensor(self._mu), "rho": tf.convert_to_tensor(self._rho),
-                "model_change": tf.convert_to_tensor(self._model_change)}
+        adapted = tf.logical_and(keep, rho_ok)
+        # A skipped step keeps (and logs) the last finite values.
+        state = {
+            "damping": (self._damping, tf.where(adapted, new_damping, damping)),
+            "rho": (self._rho, tf.where(adapted, rho, self._rho)),
+            "alpha": (self._alpha, tf.where(keep, step.alpha, self._alpha)),
+            "mu": (self._mu, tf.where(keep, step.mu, self._mu)),
+            "model_change": (self._model_change,
+                             tf.where(keep, step.model_change, self._model_change)),
+        }
+        writes = [(variable, value, None) for variable, value in state.values()]
+        logs = {"gamma": gamma, **{name: value for name, (_, value) in state.items()
+                                   if name != "damping"}}
         buffers = [None if u is None else tf.cast(u, b.dtype)
                    for u, b in zip(updates, self._momentums, strict=True)]
-        return updates, buffers, inverses, gamma, logs
+        return updates, buffers, inverses, gamma, logs, writes
 
     # ------------------------------------------------------------- config
     def get_config(self):
@@ -774,19 +846,6 @@ class KFAC(keras.optimizers.Optimizer):
                     config[key], custom_objects=custom_objects
                 )
         return super().from_config(config, custom_objects=custom_objects)
-
-
-def _assign_if(flag: tf.Tensor, variables, values) -> None:
-    """variable.assign(value) for each pair, only when `flag` holds."""
-    if not variables:
-        return
-
-    def assign():
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
-        return tf.constant(True)
-
-    tf.cond(flag, assign, lambda: tf.constant(False))
 
 
 def _as_loss_object(loss: Any) -> keras.losses.Loss | None:

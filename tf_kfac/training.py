@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac import capture
+from tf_kfac import capture, distribute
 from tf_kfac.adaptive import OutputContext
 from tf_kfac.blocks import KroneckerBlock
 
@@ -76,6 +76,9 @@ def curvature_step(
     layers = optimizer._candidate_layers
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
     batch_size = tf.shape(first_input)[0]
+    # The scales below are those of the global batch: each replica's statistics
+    # are means over its share, averaged across replicas (distribute.py).
+    global_batch = batch_size * distribute.num_replicas()
     weights = _example_weights(sample_weight, batch_size)
 
     with tf.GradientTape(persistent=fisher != "empirical") as tape:
@@ -118,15 +121,16 @@ def curvature_step(
     def preactivation_gradient_sets():
         """Per-example output-gradient rows of the estimator, and G's scale."""
         if fisher == "empirical":
-            c = spec.scale(_single_output(y_pred)) if spec is not None else 1.0
+            c = spec.scale(_single_output(y_pred), global_batch) if spec is not None else 1.0
             if spec is None or not spec.sum_reduction:
-                batch = tf.cast(batch_size, tf.float32)
+                batch = tf.cast(global_batch, tf.float32)
                 return [loss_preact_grads], batch * batch / c  # rows are ∂ℓᵢ/∂s / B
             return [loss_preact_grads], 1.0 / c
+        c = spec.scale(z, global_batch)
         if fisher == "sampled":
-            return [tape.gradient(sampled, preacts)], spec.scale(z)
+            return [tape.gradient(sampled, preacts)], c
         columns = spec.hessian_sqrt_columns(z, weights)
-        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], spec.scale(z)
+        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], c
 
     def batch_statistics():
         grad_sets, g_scale = preactivation_gradient_sets()
@@ -150,7 +154,7 @@ def curvature_step(
 
     context = None
     if optimizer.adaptive:
-        context = _step_context(optimizer, x, weights, batch_size, forward, objective)
+        context = _step_context(optimizer, x, weights, global_batch, forward, objective)
     logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context)
     return y_pred, loss, logs
 
@@ -170,11 +174,12 @@ class StepContext:
     objective_at: Callable
 
 
-def _step_context(optimizer, x, weights, batch_size, forward, objective) -> StepContext:
+def _step_context(optimizer, x, weights, global_batch, forward, objective) -> StepContext:
     spec = optimizer._loss_spec
     layers = optimizer._candidate_layers
     fraction = optimizer.quadratic_model_fraction
-    count = tf.cast(tf.math.ceil(fraction * tf.cast(batch_size, tf.float32)), tf.int32)
+    local_batch = tf.shape(weights)[0]
+    count = tf.cast(tf.math.ceil(fraction * tf.cast(local_batch, tf.float32)), tf.int32)
     count = tf.maximum(count, 1)
 
     def network_output(inputs):
@@ -193,7 +198,7 @@ def _step_context(optimizer, x, weights, batch_size, forward, objective) -> Step
         inputs=tf.nest.map_structure(lambda t: t[:count], x),
         example_weights=weights[:count],
         spec=spec,
-        batch_size=batch_size,
+        batch_size=global_batch,
     )
     return StepContext(output=output, objective_at=objective_at)
 
@@ -220,7 +225,10 @@ def fit_train_step(optimizer: KFAC, model: keras.Model, data: Any) -> dict[str, 
         optimizer, model, x, y, sample_weight, forward, objective
     )
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
-    internals.update_loss_tracker(model, loss, tf.shape(first_input)[0])
+    # Keras scales each replica's loss by 1/replicas; its tracker takes the
+    # replica's own mean, as in Keras's train_step.
+    replica_loss = loss * tf.cast(distribute.num_replicas(), loss.dtype)
+    internals.update_loss_tracker(model, replica_loss, tf.shape(first_input)[0])
     logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
     logs = dict(logs)
     logs.update(kfac_logs)

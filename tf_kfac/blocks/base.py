@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import _keras_internals as internals
 from tf_kfac.capture import LayerCall
 from tf_kfac.linalg import factored_tikhonov_inverses
 
@@ -103,19 +104,28 @@ class KroneckerBlock(CurvatureBlock):
         return self._layer
 
     def build(self, optimizer) -> None:
-        def add(shape, suffix):
+        def add(shape, suffix, replica_local=False):
             name = f"{self.name.replace('/', '_')}_{suffix}"
+            if replica_local:
+                return internals.add_replica_local_variable(optimizer, shape, name)
             return optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=name)
 
         a_shape, g_shape = (self.input_size,) * 2, (self.output_size,) * 2
-        self.a_factor = add(a_shape, "kfac_A")
-        self.g_factor = add(g_shape, "kfac_G")
+        # Each replica keeps its own moving averages; they are averaged across
+        # replicas only when the inverses refresh (tf_kfac/distribute.py).
+        self.a_factor = add(a_shape, "kfac_A", replica_local=True)
+        self.g_factor = add(g_shape, "kfac_G", replica_local=True)
         self.a_inverse = add(a_shape, "kfac_A_inverse")
         self.g_inverse = add(g_shape, "kfac_G_inverse")
 
     @property
     def state(self):
         return (self.a_factor, self.g_factor, self.a_inverse, self.g_inverse)
+
+    @property
+    def inverse_cost(self) -> float:
+        """The work of one refresh of the damped inverses: d³ per factor."""
+        return float(self.input_size) ** 3 + float(self.output_size) ** 3
 
     # --------------------------------------------------------------- rows
     @abc.abstractmethod
