@@ -113,3 +113,145 @@ def test_two_replicas_equal_one_device_with_the_global_batch(
             assert rel_err(two[key], one[key]) < 1e-4, key
     assert np.abs(np.concatenate([w.ravel() for w in one["weights"]])
                   - np.concatenate([w.ravel() for w in weights])).max() > 1e-3  # it trained
+
+
+def _three_layer_mlp():
+    return keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(12, activation="tanh"),
+        keras.layers.Dense(6, activation="tanh"),
+        keras.layers.Dense(4, activation="softmax"),
+    ])
+
+
+def test_each_layer_is_inverted_on_exactly_one_replica_per_refresh(mirrored, rng):
+    """The inversion work is split: per refresh, every layer once, on its owner."""
+    x, y = _data(rng)
+    weights = _three_layer_mlp().get_weights()
+    model, optimizer, _ = _train(_three_layer_mlp, mirrored, weights, x, y, fisher="exact",
+                                 inverse_update_interval=3)
+    refreshes = int(optimizer.variables[[v.name for v in optimizer.variables]
+                                        .index("kfac_inverse_updates")].numpy())
+    assert refreshes == 3  # steps 0, 3 and 6 of 7
+    per_replica = [int(v.numpy()) for v in
+                   mirrored.experimental_local_results(optimizer._kfac.inversions)]
+    # Costs (d³ per factor): 11³+12³ = 3059, 13³+6³ = 2413, 7³+4³ = 407; the
+    # largest goes to replica 0, the next two to replica 1.
+    assert per_replica == [refreshes * 1, refreshes * 2]
+    assert int(optimizer._kfac.inversions.numpy()) == refreshes * 3  # each layer once
+
+
+def test_inverse_owners_balance_the_cost():
+    from tf_kfac.distribute import inverse_owners
+
+    # Longest first, each to the least loaded replica: 5→0, 4→1, 3→1, 1→0 (loads 6, 7).
+    assert inverse_owners([5.0, 1.0, 4.0, 3.0], 2) == [0, 0, 1, 1]
+    assert inverse_owners([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+    owners = inverse_owners([8.0, 1.0], 4)
+    assert owners == [0, 1]  # more replicas than layers: some do nothing
+
+
+def test_sampled_draws_differ_across_replicas_and_repeat_with_the_seed(mirrored, rng):
+    """Both replicas get the same examples; only different draws make their G differ."""
+    half = rng.normal(size=(GLOBAL_BATCH // 2, 10)).astype("float32")
+    x = np.concatenate([half, half])
+    y = rng.integers(0, 4, size=(GLOBAL_BATCH // 2,))
+    y = np.concatenate([y, y])
+    weights = _mlp().get_weights()
+
+    def local_factors():
+        model, optimizer, _ = _train(_mlp, mirrored, weights, x, y, fisher="sampled")
+        block = optimizer._kfac.blocks[0]
+        return ([v.numpy() for v in mirrored.experimental_local_results(block.a_factor.value)],
+                [v.numpy() for v in mirrored.experimental_local_results(block.g_factor.value)])
+
+    (a0, a1), (g0, g1) = local_factors()
+    np.testing.assert_allclose(a0, a1, rtol=1e-6)  # same inputs on both replicas
+    assert np.abs(g0 - g1).max() > 1e-3 * np.abs(g0).max()  # different sampled targets
+    (a0_again, _), (g0_again, g1_again) = local_factors()
+    np.testing.assert_allclose(g0_again, g0, rtol=1e-6)
+    np.testing.assert_allclose(g1_again, g1, rtol=1e-6)
+
+
+def _optimizer_state(optimizer):
+    """Every optimizer variable, read across replicas, by creation order."""
+    return [np.asarray(v.numpy()) for v in optimizer.variables]
+
+
+def _assert_same_state(actual, desired, rel_err, tolerance=1e-5):
+    assert len(actual) == len(desired)
+    for i, (a, d) in enumerate(zip(actual, desired, strict=True)):
+        if a.dtype.kind in "iu":
+            np.testing.assert_array_equal(a, d, err_msg=f"variable {i}")
+        elif np.abs(d).max() > 0:
+            assert rel_err(a, d) < tolerance, f"variable {i}"
+        else:
+            np.testing.assert_allclose(a, d, atol=1e-7, err_msg=f"variable {i}")
+
+
+@pytest.mark.parametrize("saved_under", ["mirrored", "one device"])
+def test_keras_file_moves_between_one_device_and_two_replicas(
+        saved_under, mirrored, rng, rel_err, tmp_path):
+    """Save after 4 steps, load on the other side, train 3 more: same as 7 uninterrupted."""
+    x, y = _data(rng)
+    weights = _mlp().get_weights()
+    args = dict(fisher="exact", factor_update_interval=2, inverse_update_interval=3)
+    reference_model, reference, _ = _train(_mlp, None, weights, x, y, **args)
+    split = 4 * GLOBAL_BATCH
+    first, second = (mirrored, None) if saved_under == "mirrored" else (None, mirrored)
+    model, _, _ = _train(_mlp, first, weights, x[:split], y[:split], **args)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    if second is None:
+        loaded = keras.saving.load_model(path)
+    else:
+        with second.scope():
+            loaded = keras.saving.load_model(path)
+    loaded.fit(x[split:], y[split:], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == STEPS
+    _assert_same_state(_optimizer_state(loaded.optimizer), _optimizer_state(reference),
+                       rel_err, tolerance=1e-4)
+    for w, r in zip(loaded.get_weights(), reference_model.get_weights(), strict=True):
+        assert rel_err(w, r) < 1e-4
+
+
+def test_checkpoint_under_two_replicas_restores_into_one_device(mirrored, rng, rel_err, tmp_path):
+    """tf.train.Checkpoint: replica-local factors are saved as their mean, restored exactly."""
+    x, y = _data(rng)
+    weights = _mlp().get_weights()
+    model, optimizer, _ = _train(_mlp, mirrored, weights, x, y, fisher="exact")
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(str(tmp_path / "ckpt"))
+    fresh_model = _mlp()
+    fresh = tf_kfac.KFAC(fisher="exact", seed=3)
+    fresh_model.compile(optimizer=fresh, loss="sparse_categorical_crossentropy")
+    fresh.attach(fresh_model)
+    tf.train.Checkpoint(model=fresh_model, optimizer=fresh).restore(path).assert_consumed()
+    _assert_same_state(_optimizer_state(fresh), _optimizer_state(optimizer), rel_err)
+    block = optimizer._kfac.blocks[0]
+    local = [v.numpy() for v in mirrored.experimental_local_results(block.a_factor.value)]
+    np.testing.assert_allclose(fresh.kronecker_factors(fresh_model.layers[0])[0].numpy(),
+                               (local[0] + local[1]) / 2, rtol=1e-5)
+
+
+def test_adapt_gamma_with_several_replicas_is_refused(mirrored, rng):
+    x, y = _data(rng)
+    with mirrored.scope():
+        model = _mlp()
+        model.compile(optimizer=tf_kfac.KFAC(adaptive=True, adapt_gamma=True),
+                      loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="adapt_gamma=True.*more than one replica"):
+        model.fit(x, y, batch_size=GLOBAL_BATCH, verbose=0)
+
+
+def test_unsupported_strategies_are_refused_with_the_supported_list(rng):
+    from tf_kfac.distribute import check_strategy
+
+    central = tf.distribute.experimental.CentralStorageStrategy()
+    with pytest.raises(ValueError, match="does not support CentralStorageStrategy.*Supported: "
+                                         "MirroredStrategy"):
+        check_strategy(central)
+    # A ParameterServerStrategy needs a running cluster; the check looks at the type only.
+    parameter_server = object.__new__(tf.distribute.experimental.ParameterServerStrategy)
+    with pytest.raises(ValueError, match="ParameterServerStrategy: its workers update"):
+        check_strategy(parameter_server)
+    check_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"))  # supported: no error

@@ -33,6 +33,7 @@ COVERED = {
     "update_loss_tracker",
     "wrap_loss_function",
     "in_symbolic_build",
+    "add_replica_local_variable",
 }
 
 
@@ -299,3 +300,37 @@ def test_in_symbolic_build():
     assert seen == [False]
     assert not internals.in_symbolic_build()
 
+
+
+def test_add_replica_local_variable():
+    """The variable is tracked by the optimizer like `add_variable`'s (saved by
+    position) and, under MirroredStrategy (two logical CPUs, conftest.py), each
+    replica writes its own copy while a read outside the replicas gives the mean."""
+    import tensorflow as tf
+
+    optimizer = keras.optimizers.SGD()
+    optimizer.build([])
+    before = len(optimizer.variables)
+    variable = internals.add_replica_local_variable(optimizer, (2,), "local")
+    assert optimizer.variables[before] is variable
+    assert variable.synchronization == "on_read" and variable.aggregation == "mean"
+    assert variable.path.endswith("local") and not variable.trainable
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        sgd = keras.optimizers.SGD()
+        sgd.build([])
+        local = internals.add_replica_local_variable(sgd, (2,), "local")
+
+    @tf.function
+    def write():
+        def per_replica():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            local.assign(tf.fill([2], tf.cast(replica, tf.float32) * 2.0 + 1.0))
+
+        strategy.run(per_replica)
+
+    write()
+    copies = [v.numpy().tolist() for v in strategy.experimental_local_results(local.value)]
+    assert copies == [[1.0, 1.0], [3.0, 3.0]]
+    assert local.numpy().tolist() == [2.0, 2.0]

@@ -41,18 +41,22 @@ def check_strategy(strategy: tf.distribute.Strategy) -> None:
         tf.distribute.MultiWorkerMirroredStrategy,
         tf.distribute.OneDeviceStrategy,
     )
-    if isinstance(strategy, supported) or not tf.distribute.has_strategy():
+    if isinstance(strategy, supported):
         return
     if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
         why = ("its workers update the variables asynchronously, while K-FAC's factors, "
                "inverses and step must be the same for every replica")
     elif isinstance(strategy, tf.distribute.TPUStrategy):
         why = "it has not been tested on TPUs"
+    elif isinstance(strategy, tf.distribute.experimental.CentralStorageStrategy):
+        why = "it keeps the variables on one device apart from the replicas"
+    elif strategy.num_replicas_in_sync == 1:  # the default strategy
+        return
     else:
         why = "it has not been built or tested for it"
     raise ValueError(
-        f"KFAC does not support {type(strategy).__name__}: {why}. Supported: "
-        f"{', '.join(SUPPORTED_STRATEGIES)}."
+        f"KFAC does not support {type(strategy).__name__.removesuffix('V2')}: {why}. "
+        f"Supported: {', '.join(SUPPORTED_STRATEGIES)}."
     )
 
 
