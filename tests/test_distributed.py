@@ -100,8 +100,12 @@ def test_two_replicas_equal_one_device_with_the_global_batch(
     weights = build().get_weights()
     args = dict(factor_update_interval=2, inverse_update_interval=3,
                 damping_adaptation_interval=2, **kfac_args)
-    one = _state(*_train(build, None, weights, x, y, **args)[:2])
-    model, optimizer, _ = _train(build, mirrored, weights, x, y, **args)
+    *single, single_history = _train(build, None, weights, x, y, **args)
+    one = _state(*single)
+    model, optimizer, history = _train(build, mirrored, weights, x, y, **args)
+    # Keras's loss (the mean over the epoch's batches) is the same too.
+    assert history.history["loss"][0] == pytest.approx(single_history.history["loss"][0],
+                                                       rel=1e-5)
     assert mirrored.num_replicas_in_sync == 2
     two = _state(model, optimizer)
     assert int(optimizer.iterations.numpy()) == STEPS
@@ -255,3 +259,40 @@ def test_unsupported_strategies_are_refused_with_the_supported_list(rng):
     with pytest.raises(ValueError, match="ParameterServerStrategy: its workers update"):
         check_strategy(parameter_server)
     check_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"))  # supported: no error
+
+
+def test_custom_loop_under_strategy_run_equals_one_device(mirrored, rng, rel_err):
+    """`strategy.run(optimizer.step, ...)` in a tf.function: the replicas' losses sum
+    to the one-device loss, and the weights end the same."""
+    x, y = _data(rng)
+    weights = _mlp().get_weights()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+
+    single_model = _mlp()
+    single_model.set_weights(weights)
+    single = tf_kfac.KFAC(fisher="exact", inverse_update_interval=3, seed=3)
+    single.attach(single_model, loss=loss)
+    single_step = tf.function(single.step)
+    single_losses = [float(single_step(x[i:i + GLOBAL_BATCH], y[i:i + GLOBAL_BATCH])["loss"])
+                     for i in range(0, 3 * GLOBAL_BATCH, GLOBAL_BATCH)]
+
+    with mirrored.scope():
+        model = _mlp()
+        model.set_weights(weights)
+        optimizer = tf_kfac.KFAC(fisher="exact", inverse_update_interval=3, seed=3)
+        optimizer.attach(model, loss=keras.losses.SparseCategoricalCrossentropy())
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).take(3)
+
+    @tf.function
+    def train_step(batch):
+        logs = mirrored.run(optimizer.step, args=batch)
+        return mirrored.reduce("SUM", logs["loss"], axis=None)
+
+    losses = [float(train_step(batch)) for batch in mirrored.experimental_distribute_dataset(
+        dataset)]
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+    for w, r in zip(model.get_weights(), single_model.get_weights(), strict=True):
+        assert rel_err(w, r) < 1e-4
+    with pytest.raises(ValueError, match="inside `strategy.run"):
+        with mirrored.scope():
+            optimizer.step(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH])

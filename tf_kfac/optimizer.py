@@ -79,7 +79,10 @@ class KFAC(keras.optimizers.Optimizer):
     `model_change`, `skipped_steps`, `kl_scale`) are in `fit`'s logs.
 
     Use it like any Keras optimizer: `model.compile(optimizer=tf_kfac.KFAC(),
-    loss=...)` then `model.fit(...)`. The first `fit` registers every Dense and
+    loss=...)` then `model.fit(...)`, also inside the scope of a
+    `MirroredStrategy` or `MultiWorkerMirroredStrategy` (the step is then the
+    one a single device would take with the global batch; see
+    docs/distributed.md). The first `fit` registers every Dense and
     Conv2D layer; `summary()` shows which variable got which treatment. For a
     custom training loop, call `attach(model, loss)` once and `step(x, y)` per
     batch.
@@ -419,6 +422,10 @@ class KFAC(keras.optimizers.Optimizer):
         `tf.function`. The objective is `loss(y, model(x), sample_weight)`
         plus the model's regularisation losses.
 
+        Under a distribution strategy, call it through `strategy.run`; the
+        returned loss is then this replica's share of the objective (reduce it
+        with `"SUM"`).
+
         Returns:
             A dict with `"loss"` and the K-FAC scalars (`"damping"`,
             `"skipped_steps"`, and `"kl_scale"` when KL-clipping is on).
@@ -429,6 +436,12 @@ class KFAC(keras.optimizers.Optimizer):
         if model is None or self._kfac.loss_fn is None:
             raise ValueError(
                 "Call `optimizer.attach(model, loss=...)` once before `optimizer.step`."
+            )
+        if distribute.num_replicas() > 1 and tf.distribute.in_cross_replica_context():
+            raise ValueError(
+                "Under a distribution strategy, call `optimizer.step` inside "
+                "`strategy.run(optimizer.step, args=(x, y))`, so that every replica "
+                "runs it on its share of the batch."
             )
         loss_fn = self._kfac.loss_fn
         training_arg = internals.call_has_training_arg(model)
