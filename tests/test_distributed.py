@@ -87,6 +87,8 @@ def _state(model, optimizer):
 CASES = [
     pytest.param(_mlp, dict(fisher="exact"), id="mlp-exact-fixed"),
     pytest.param(_mlp, dict(fisher="empirical"), id="mlp-empirical-fixed"),
+    # Without the KL-clip, which hides the gradient's scale when it binds.
+    pytest.param(_mlp, dict(fisher="exact", kl_clip=None), id="mlp-exact-fixed-no-clip"),
     pytest.param(_convnet, dict(fisher="exact"), id="conv-exact-fixed"),
     pytest.param(_mlp, dict(fisher="exact", adaptive=True), id="mlp-exact-adaptive"),
     pytest.param(_convnet, dict(fisher="empirical", adaptive=True), id="conv-empirical-adaptive"),
