@@ -334,3 +334,20 @@ def test_add_replica_local_variable():
     copies = [v.numpy().tolist() for v in strategy.experimental_local_results(local.value)]
     assert copies == [[1.0, 1.0], [3.0, 3.0]]
     assert local.numpy().tolist() == [2.0, 2.0]
+
+
+def test_multi_worker_fit_fix_is_installed_and_leaves_other_strategies_alone():
+    """Importing tf_kfac patches the two places where Keras's `fit` fails under
+    MultiWorkerMirroredStrategy (tests/test_multiworker.py runs `fit` on two
+    workers); under MirroredStrategy the log reduction is Keras's own."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as trainer_module
+
+    assert getattr(trainer_module.reduce_per_replica, "_tf_kfac_hook", False)
+    assert TensorFlowTrainer._maybe_symbolic_build.__qualname__.startswith(
+        "_fix_multi_worker_fit")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    values = strategy.run(lambda: tf.cast(
+        tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32) + 1.0)
+    logs = trainer_module.reduce_per_replica({"loss": values}, strategy, "auto")
+    assert float(logs["loss"]) == 1.5  # Keras's mean over the replicas

@@ -76,6 +76,68 @@ def install_fit_hook(kfac_train_step: Callable[[Any, Any, Any], Any], find_kfac:
     train_step.__doc__ = original.__doc__
     train_step._tf_kfac_hook = True
     trainer.train_step = train_step
+    _fix_multi_worker_fit(trainer, find_kfac)
+
+
+def _fix_multi_worker_fit(trainer: type, find_kfac: Callable) -> None:
+    """Lets `model.fit` run under MultiWorkerMirroredStrategy for K-FAC models.
+
+    Keras 3 (up to at least 3.15) fails there with every optimizer, in two
+    places (keras-team/keras#20585): `_maybe_symbolic_build` reduces the first
+    batch's (x, y) tuple across workers in one call, which the multi-worker
+    reduce cannot take, and the train function reduces each scalar log with
+    `axis=0`. For models compiled with KFAC, the symbolic build takes this
+    replica's own first batch instead (its values do not matter, only its
+    structure and shapes); for every model, scalar logs under a multi-worker
+    strategy (the case Keras cannot reduce at all) are averaged across
+    replicas. Nothing changes for other strategies.
+    """
+    import tensorflow as tf
+
+    try:
+        from keras.src.backend.tensorflow import trainer as trainer_module
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.backend.tensorflow.trainer") from error
+    for name in ("reduce_per_replica", "_collective_all_reduce_multi_worker"):
+        if not callable(getattr(trainer_module, name, None)):  # pragma: no cover
+            raise _changed(f"keras.src.backend.tensorflow.trainer.{name}")
+    if not callable(getattr(trainer, "_maybe_symbolic_build", None)):  # pragma: no cover
+        raise _changed("TensorFlowTrainer._maybe_symbolic_build")
+    if getattr(trainer_module.reduce_per_replica, "_tf_kfac_hook", False):
+        return
+    multi_worker = trainer_module._collective_all_reduce_multi_worker
+    original_reduce = trainer_module.reduce_per_replica
+    original_build = trainer._maybe_symbolic_build
+
+    def reduce_per_replica(values, strategy, reduction):
+        if not (multi_worker(strategy) and reduction in ("auto", "mean")):
+            return original_reduce(values, strategy, reduction)
+
+        def reduce(value):
+            local = (strategy.experimental_local_results(value)[0]
+                     if isinstance(value, tf.distribute.DistributedValues) else value)
+            if getattr(getattr(local, "shape", None), "rank", None) == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original_reduce(value, strategy, reduction)
+
+        return tf.nest.map_structure(reduce, values)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = getattr(self, "_distribute_strategy", None)
+        if (iterator is None or strategy is None or not multi_worker(strategy)
+                or find_kfac(getattr(self, "optimizer", None)) is None):
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            first = next(batches)
+            data_batch = tf.nest.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v, first)
+            break
+        return original_build(self, iterator=None, data_batch=data_batch)
+
+    reduce_per_replica._tf_kfac_hook = True
+    trainer_module.reduce_per_replica = reduce_per_replica
+    trainer._maybe_symbolic_build = _maybe_symbolic_build
 
 
 def fit_hook_installed() -> bool:
