@@ -26,7 +26,7 @@ carrying an empty tensor on the steps that need nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -86,27 +86,33 @@ def all_reduce(op: str, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     return list(tf.distribute.get_replica_context().all_reduce(reduce_op, tensors))
 
 
-def all_reduce_when(flag: tf.Tensor, op: str, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-    """`all_reduce` of `tensors` on the steps where `flag` holds.
+def all_reduce_when(flag: tf.Tensor, op: str, compute: Callable[[], list[tf.Tensor]],
+                    otherwise: Callable[[], list[tf.Tensor]]) -> list[tf.Tensor]:
+    """`all_reduce` of `compute()` on the steps where `flag` holds, else `otherwise()`.
 
-    One flat collective: the tensors, concatenated, when `flag` holds, and an
-    empty tensor otherwise (so nothing but the call crosses). `flag` must be
-    the same on every replica. Where it does not hold, the tensors come back
-    unchanged.
+    One flat collective that always runs: `compute()`'s tensors, concatenated,
+    when `flag` holds, and an empty tensor otherwise, so nothing but the call
+    crosses and `compute` costs nothing on the other steps. `flag` must be the
+    same on every replica; both functions return float32 tensors of the same
+    static shapes.
     """
-    tensors = [tf.convert_to_tensor(t, tf.float32) for t in tensors]
-    if num_replicas() == 1 or not tensors:
-        return tensors
-    sizes = [t.shape.num_elements() for t in tensors]
-    payload = tf.cond(flag, lambda: tf.concat([tf.reshape(t, [-1]) for t in tensors], 0),
-                      lambda: tf.zeros([0], tf.float32))
-    (reduced,) = all_reduce(op, [payload])
+    if num_replicas() == 1:
+        return tf.cond(flag, compute, otherwise)
+    template: list[tf.TensorShape] = []
+
+    def payload():
+        tensors = [tf.convert_to_tensor(t, tf.float32) for t in compute()]
+        template.extend(t.shape for t in tensors)
+        return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+
+    sent = tf.cond(flag, payload, lambda: tf.zeros([0], tf.float32))
+    (reduced,) = all_reduce(op, [sent])
 
     def unpack():
-        return [tf.reshape(part, t.shape)
-                for part, t in zip(tf.split(reduced, sizes), tensors, strict=True)]
+        parts = tf.split(reduced, [shape.num_elements() for shape in template])
+        return [tf.reshape(part, shape) for part, shape in zip(parts, template, strict=True)]
 
-    return tf.cond(flag, unpack, lambda: tensors)
+    return tf.cond(flag, unpack, otherwise)
 
 
 def inverse_owners(costs: Sequence[float], replicas: int) -> list[int]:

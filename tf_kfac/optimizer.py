@@ -672,11 +672,12 @@ class KFAC(keras.optimizers.Optimizer):
                 return new() if refresh else old()
             return tf.cond(refresh, new, old)
 
-        averaged = distribute.all_reduce_when(refresh, "mean", factors)
+        averaged = distribute.all_reduce_when(refresh, "mean", lambda: factors,
+                                              lambda: factors)
         owners = distribute.inverse_owners([b.inverse_cost for b in kron], replicas)
         me = distribute.replica_id()
 
-        def owned():  # this replica's layers; zeros for the others'
+        def owned():  # this replica's layers' inverses; zeros for the others'
             out = []
             for i, block in enumerate(kron):
                 if owners[i] == me:
@@ -686,12 +687,7 @@ class KFAC(keras.optimizers.Optimizer):
                                for v in (block.a_inverse, block.g_inverse))
             return out
 
-        def zeros():
-            return [tf.zeros(v.shape, tf.float32) for b in kron
-                    for v in (b.a_inverse, b.g_inverse)]
-
-        shared = distribute.all_reduce_when(refresh, "sum", tf.cond(refresh, owned, zeros))
-        return tf.cond(refresh, lambda: shared, old)
+        return distribute.all_reduce_when(refresh, "sum", owned, old)
 
     def _directions(self, grads, inverses) -> list[tf.Tensor | None]:
         """V: each block's preconditioned gradient (the gradient for first-order blocks)."""
