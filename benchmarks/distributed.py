@@ -70,6 +70,9 @@ import numpy as np  # noqa: E402
 import tf_kfac  # noqa: E402
 from tf_kfac.distribute import inverse_owners  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import convnet, data, mlp  # noqa: E402  (the step-time benchmark's workloads)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOAT32 = 4
 WARMUP = 5  # untimed steps at the start of every run (tracing, first inverses)
@@ -88,28 +91,6 @@ class StepTimer(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter() - self._start)
         self.cpu_times.append(time.process_time() - self._cpu_start)
-
-
-def mlp() -> keras.Model:
-    return keras.Sequential(
-        [keras.Input((784,))]
-        + [keras.layers.Dense(n, activation="sigmoid") for n in (1000, 500, 250)]
-        + [keras.layers.Dense(30)]
-    )
-
-
-def convnet() -> keras.Model:
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
 
 
 WORKLOADS = {
@@ -131,18 +112,6 @@ COUNTED = {**OPTIMIZERS, "kfac_adaptive": lambda: tf_kfac.KFAC(adaptive=True)}
 
 def loss_for(loss: str):
     return "mse" if loss == "mse" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def data(builder, batch_size: int, steps: int, loss: str):
-    rng = np.random.default_rng(0)
-    model = builder()
-    n = batch_size * steps
-    x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
-    if loss == "mse":
-        y = rng.normal(size=(n, model.output_shape[-1])).astype("float32")
-    else:
-        y = rng.integers(0, model.output_shape[-1], size=n)
-    return x, y
 
 
 def fit(builder, make, strategy, x, y, batch_size, loss, callbacks=()):
