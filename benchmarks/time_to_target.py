@@ -54,6 +54,7 @@ SWEEPS = {
 }
 # K-FAC's recommended configuration per workload (see README, "Which mode").
 KFAC_CONFIGS = {
+    # The paper's η; `--kfac kl_clip=1e-2` is the faster variant (docs/benchmarks.md).
     "autoencoder": {"l2_reg": 1e-5},
     "convnet": {},
 }
@@ -62,13 +63,13 @@ BATCH = {"autoencoder": 1000, "convnet": 128}
 THRESHOLDS = {"autoencoder": [30.0, 15.0, 10.0, 5.0], "convnet": [5.0, 3.0, 2.0, 1.5]}
 
 
-def _optimizer(name: str, lr: float | None, workload: str, seed: int):
+def _optimizer(name: str, lr: float | None, workload: str, seed: int, kfac: dict | None = None):
     import keras
 
     import tf_kfac
 
     if name == "kfac":
-        return tf_kfac.KFAC(seed=seed, **KFAC_CONFIGS[workload])
+        return tf_kfac.KFAC(seed=seed, **{**KFAC_CONFIGS[workload], **(kfac or {})})
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     if name == "sgd_nesterov":
@@ -121,7 +122,8 @@ def run_one(spec: dict) -> dict:
     keras.utils.set_random_seed(spec["seed"])
     model, compile_kwargs, x, y, error = _workload(spec["workload"], spec["data_dir"],
                                                    spec["seed"])
-    optimizer = _optimizer(spec["optimizer"], spec["lr"], spec["workload"], spec["seed"])
+    optimizer = _optimizer(spec["optimizer"], spec["lr"], spec["workload"], spec["seed"],
+                           spec.get("kfac"))
     model.compile(optimizer=optimizer, **compile_kwargs)
     budget, evals = spec["budget"], spec["evaluations"]
 
@@ -174,7 +176,8 @@ def time_to(curve, target: float) -> float | None:
     return None
 
 
-def summarise(workload: str, runs: list[dict], budget: float) -> tuple[str, dict]:
+def summarise(workload: str, runs: list[dict], budget: float,
+              kfac_config: dict | None = None) -> tuple[str, dict]:
     def final(run):
         return run["curve"][-1][2]
 
@@ -192,7 +195,8 @@ def summarise(workload: str, runs: list[dict], budget: float) -> tuple[str, dict
              "|---|---|---|---|---|---|" + ("---|" if best else "")]
     for r in sorted(runs, key=final):
         reach = time_to(r["curve"], final(best)) if best else None
-        cells = [r["optimizer"], "recommended" if r["lr"] is None else f"{r['lr']:g}",
+        config = ", ".join(f"{k}={v:g}" for k, v in (kfac_config or {}).items()) or "defaults"
+        cells = [r["optimizer"], config if r["lr"] is None else f"{r['lr']:g}",
                  str(r["steps"]), f"{r['median_step_ms']:.1f}", f"{r['peak_rss_mb']:.0f}",
                  f"{final(r):.4g}"]
         if best:
@@ -269,6 +273,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", nargs="+", default=None, metavar="OPTIMIZER=LR",
                         help="replace an optimizer's sweep by these learning rates "
                              "(e.g. adam=1e-3), to rerun the best of a sweep at a longer budget")
+    parser.add_argument("--kfac", nargs="+", default=None, metavar="ARG=VALUE",
+                        help="K-FAC hyperparameters to use instead of its recommended "
+                             "configuration (e.g. kl_clip=1e-2), to try a variant")
     parser.add_argument("--name", default="time_to_target",
                         help="stem of the results files in benchmarks/results/")
     parser.add_argument("--append", action="store_true",
@@ -286,9 +293,13 @@ def main(argv=None) -> dict:
     for item in args.lrs or []:
         name, _, value = item.partition("=")
         chosen.setdefault(name, []).append(float(value))
+    kfac_args = {}
+    for item in args.kfac or []:
+        key, _, value = item.partition("=")
+        kfac_args[key] = None if value == "None" else json.loads(value)
     specs = []
     for workload in args.workloads:
-        specs.append({"workload": workload, "optimizer": "kfac", "lr": None})
+        specs.append({"workload": workload, "optimizer": "kfac", "lr": None, "kfac": kfac_args})
         for name, lrs in SWEEPS[workload].items():
             lrs = chosen.get(name, lrs)
             for lr in lrs[1:2] if args.quick and name not in chosen else lrs:
@@ -325,7 +336,8 @@ def main(argv=None) -> dict:
         command = f"{previous['command']}; then {command}"
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     record = {"command": command.strip(), "machine": machine, "budget_s": budget,
-              "kfac_configs": KFAC_CONFIGS, "sweeps": SWEEPS, "runs": results}
+              "kfac_configs": {w: {**c, **kfac_args} for w, c in KFAC_CONFIGS.items()},
+              "sweeps": SWEEPS, "runs": results}
     RESULTS.mkdir(exist_ok=True)
     return report(record, stem)
 
@@ -334,7 +346,8 @@ def report(record: dict, stem: Path) -> dict:
     """Writes `stem`.md, .json and .png from a results record; returns the verdicts."""
     tables, verdicts = [], {}
     for workload, runs in record["runs"].items():
-        table, verdicts[workload] = summarise(workload, runs, record["budget_s"])
+        table, verdicts[workload] = summarise(workload, runs, record["budget_s"],
+                                              record.get("kfac_configs", {}).get(workload))
         tables.append(table)
     record["verdicts"] = verdicts
     markdown = "\n\n".join(
