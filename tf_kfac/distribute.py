@@ -156,15 +156,16 @@ def write(assignments: Sequence[tuple]) -> None:
     values = [value for _, value, _ in assignments]
     flags = [flag for _, _, flag in assignments]
     context = tf.distribute.get_replica_context()
-    if context is None:  # cross-replica context (a custom loop outside strategy.run)
-        merge(tf.distribute.get_strategy(), values, flags)
-    elif _supports_no_merge_call():  # collectives in replica context (multi-worker)
+    if context is None or _supports_no_merge_call():
+        # Already in cross-replica context, or a strategy whose updates run from
+        # replica context (multi-worker collectives), as Keras's optimizers do.
         merge(tf.distribute.get_strategy(), values, flags)
     else:
         context.merge_call(merge, args=(values, flags))
 
 
 def _supports_no_merge_call() -> bool:
+    """TensorFlow's own test (internal API) of whether the strategy avoids merge_call."""
     check = getattr(getattr(tf.__internal__, "distribute", None),
                     "strategy_supports_no_merge_call", None)
     return bool(check()) if check is not None else False

@@ -791,10 +791,13 @@ class KFAC(keras.optimizers.Optimizer):
         after = tf.cond(rho_due, lambda: tf.cast(context.objective_at(updates), tf.float32),
                         lambda: tf.constant(0.0))
         (after,) = distribute.all_reduce("sum", [after])
-        values = [tf.convert_to_tensor(v) for v in var_list]
-        measured = qmodel.reduction_ratio(loss, after, values, updates, self.l2_reg,
+
+        def measured():
+            values = [tf.convert_to_tensor(v) for v in var_list]
+            return qmodel.reduction_ratio(loss, after, values, updates, self.l2_reg,
                                           step.undamped_change)
-        rho = tf.where(rho_due, measured, tf.convert_to_tensor(self._rho))
+
+        rho = tf.cond(rho_due, measured, lambda: tf.convert_to_tensor(self._rho))
         rho_ok = tf.logical_and(rho_due, tf.math.is_finite(rho))
         new_damping = qmodel.adapt_damping(damping, rho, self.damping_adaptation_interval,
                                            self.min_damping, self.max_damping)
