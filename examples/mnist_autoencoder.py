@@ -63,8 +63,6 @@ import example_utils  # noqa: E402
 from example_utils import History, export_and_check  # noqa: E402
 from mnist_data import load_mnist, to_float  # noqa: E402
 
-REPO_ROOT = EXAMPLES.parent
-EXPORT_DIR = REPO_ROOT / "saved_models" / "mnist_autoencoder"
 PIXELS = 784
 ENCODER = (1000, 500, 250)
 CODE = 30
@@ -73,19 +71,8 @@ PAPER_L2 = 1e-5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder with the MNIST IDX files (default: tensorflow_datasets)")
-    parser.add_argument("--split", default="train",
-                        help="MNIST split to train on: train (60,000; default) or test (10,000)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs (10; unlimited when --seconds is given)")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="stop after this many seconds of training (wall clock; the "
-                             "end-of-epoch evaluation is not counted)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="batch size (1000)")
-    parser.add_argument("--optimizer", choices=("kfac", "adam"), default="kfac",
-                        help="K-FAC (default) or Adam, for comparison")
+    parser = example_utils.training_parser(__doc__.split("\n\n")[0], "mnist_autoencoder",
+                                           batch_size=1000, epochs=10)
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                         help="K-FAC's adaptive mode, the paper's configuration (quadratic-"
                              "model step size and momentum, Levenberg-Marquardt damping from "
@@ -99,24 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "paper's λ₀; fixed: KFAC's default)")
     parser.add_argument("--l2-reg", type=float, default=PAPER_L2,
                         help=f"K-FAC's L2 coefficient η ({PAPER_L2:g}, the paper's)")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="Adam's, or fixed-mode K-FAC's, learning rate (their defaults)")
     parser.add_argument("--init", choices=("sparse", "glorot"), default="sparse",
                         help="weight initialisation: the paper's sparse one (15 N(0, 1) "
                              "weights into each unit; default) or Keras's Glorot uniform")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and order (0)")
-    parser.add_argument("--plot", type=Path, default=Path("mnist_autoencoder.png"),
-                        help="learning-curve PNG (mnist_autoencoder.png in the current directory)")
-    parser.add_argument("--export", type=Path, default=EXPORT_DIR,
-                        help="SavedModel directory (saved_models/mnist_autoencoder in the "
-                             "repository)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 10**9 if args.seconds is not None else 10
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
-    if args.seconds is not None and args.seconds <= 0:
-        parser.error("--seconds must be positive")
+    args = example_utils.finish_args(parser, parser.parse_args(argv))
     if args.adapt_gamma and not args.adaptive:
         parser.error("--adapt-gamma needs the adaptive mode")
     return args
@@ -177,10 +151,9 @@ def make_optimizer(args) -> keras.optimizers.Optimizer:
         options.update(adaptive=True, adapt_gamma=args.adapt_gamma,
                        damping=PAPER_DAMPING if args.damping is None else args.damping)
     else:
+        options.update(example_utils.fixed_mode_options(args))
         if args.damping is not None:
             options["damping"] = args.damping
-        if args.learning_rate is not None:
-            options["learning_rate"] = args.learning_rate
     return tf_kfac.KFAC(**options)
 
 

@@ -39,50 +39,25 @@ EXAMPLES = Path(__file__).resolve().parent
 if str(EXAMPLES) not in sys.path:  # also when imported from tests or benchmarks
     sys.path.insert(0, str(EXAMPLES))
 
+import example_utils  # noqa: E402
 from example_utils import History, Monitor, export_and_check  # noqa: E402
 from mnist_data import load_mnist, to_float, train_heldout_split  # noqa: E402
 
-REPO_ROOT = EXAMPLES.parent
-EXPORT_DIR = REPO_ROOT / "saved_models" / "mnist_convnet"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder with the MNIST IDX files (default: tensorflow_datasets)")
-    parser.add_argument("--split", default="train",
-                        help="which MNIST split to use: train (60,000; default) or test (10,000)")
+    parser = example_utils.training_parser(__doc__.split("\n\n")[0], "mnist_convnet",
+                                           batch_size=128, epochs=5)
     parser.add_argument("--heldout-fraction", type=float, default=0.2,
                         help="fraction of the split held out for evaluation (0.2)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs (5; unlimited when --seconds is given)")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="stop after this many seconds of training (wall clock; the "
-                             "end-of-epoch evaluation is not counted)")
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size (128)")
-    parser.add_argument("--optimizer", choices=("kfac", "adam"), default="kfac",
-                        help="K-FAC (default) or Adam, for comparison")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                         help="K-FAC's adaptive mode (quadratic-model step size and momentum, "
                              "Levenberg-Marquardt damping); default: the fixed mode")
     parser.add_argument("--damping", type=float, default=None,
                         help="K-FAC's damping λ, the initial one in the adaptive mode "
                              "(KFAC's defaults)")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="Adam's, or fixed-mode K-FAC's, learning rate (their defaults)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of weights, held-out split and order (0)")
-    parser.add_argument("--plot", type=Path, default=Path("mnist_convnet.png"),
-                        help="learning-curve PNG (mnist_convnet.png in the current directory)")
-    parser.add_argument("--export", type=Path, default=EXPORT_DIR,
-                        help="SavedModel directory (saved_models/mnist_convnet in the repository)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 10**9 if args.seconds is not None else 5
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
-    if args.seconds is not None and args.seconds <= 0:
-        parser.error("--seconds must be positive")
+    args = example_utils.finish_args(parser, parser.parse_args(argv))
     if not 0.0 < args.heldout_fraction < 1.0:
         parser.error("--heldout-fraction must be in (0, 1)")
     return args
@@ -111,8 +86,8 @@ def make_optimizer(args) -> keras.optimizers.Optimizer:
     options = {"seed": args.seed, "adaptive": args.adaptive}
     if args.damping is not None:
         options["damping"] = args.damping
-    if args.learning_rate is not None and not args.adaptive:
-        options["learning_rate"] = args.learning_rate
+    if not args.adaptive:
+        options.update(example_utils.fixed_mode_options(args))
     return tf_kfac.KFAC(**options)
 
 
