@@ -205,3 +205,20 @@ def test_convnet_example_runs(mnist_data, tmp_path):
     _check_run(history, export_dir, plot, x)
     probabilities = history.model.predict(x, verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mnist_autoencoder", "mnist_convnet"])
+def test_examples_pass_the_fixed_mode_options_to_kfac(name):
+    """The shared command-line options reach KFAC; the adaptive mode ignores them."""
+    example = _import_example(name)
+    args = example.parse_args(["--kl-clip", "0.02", "--learning-rate", "0.3", "--seconds", "5"])
+    optimizer = example.make_optimizer(args)
+    assert optimizer.kl_clip == pytest.approx(0.02)
+    assert float(optimizer.learning_rate) == pytest.approx(0.3)
+    assert args.epochs == 10**9  # unlimited when a time budget is given
+    assert example.parse_args([]).kl_clip is None
+    assert example.make_optimizer(example.parse_args([])).kl_clip == pytest.approx(1e-3)
+    adaptive = example.make_optimizer(example.parse_args(["--adaptive", "--kl-clip", "0.02"]))
+    assert adaptive.adaptive
+    with pytest.raises(SystemExit):
+        example.parse_args(["--seconds", "0"])
