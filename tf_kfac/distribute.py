@@ -140,11 +140,11 @@ def write(assignments: Sequence[tuple]) -> None:
             each device's copy is assigned its own replica's value, so nothing
             crosses between replicas.
     """
-    assignments = [(v, value, flag) for v, value, flag in assignments]
+    assignments = list(assignments)
     if not assignments:
         return
     if num_replicas() == 1:
-        _assign_locally(assignments)
+        write_local(assignments)
         return
 
     def merge(strategy, values, flags):
@@ -191,10 +191,6 @@ def write_local(assignments: Sequence[tuple]) -> None:
     `(variable, value, flag)` triples as for `write`; under a strategy each
     replica writes its own copy. Conditional writes are grouped per flag.
     """
-    _assign_locally(assignments)
-
-
-def _assign_locally(assignments) -> None:
     groups: dict[int, tuple[tf.Tensor, list]] = {}
     for variable, value, flag in assignments:
         if flag is None:

@@ -649,45 +649,36 @@ class KFAC(keras.optimizers.Optimizer):
         averaged first, each layer is inverted on the one replica that owns it,
         and the inverses are shared (tf_kfac/distribute.py).
         """
+        if not kron:
+            return []
+        replicas = distribute.num_replicas()
+        owners = distribute.inverse_owners([b.inverse_cost for b in kron], replicas)
+        me = distribute.replica_id()
 
         def old():
             return [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
 
-        def invert(i, block, a_factor, g_factor):
-            pair = block.damped_inverses(a_factor, g_factor, gamma)
-            keep = all_finite(pair)
-            self._kfac.inversions.assign_add(1)
-            return [tf.where(keep, fresh, tf.convert_to_tensor(previous)) for fresh, previous
-                    in zip(pair, (block.a_inverse, block.g_inverse), strict=True)]
-
-        if not kron:
-            return []
-        replicas = distribute.num_replicas()
-        if replicas == 1:
-            def new():
-                return [t for i, b in enumerate(kron)
-                        for t in invert(i, b, factors[2 * i], factors[2 * i + 1])]
-
-            if isinstance(refresh, bool):
-                return new() if refresh else old()
-            return tf.cond(refresh, new, old)
-
-        averaged = distribute.all_reduce_when(refresh, "mean", lambda: factors,
-                                              lambda: factors)
-        owners = distribute.inverse_owners([b.inverse_cost for b in kron], replicas)
-        me = distribute.replica_id()
-
-        def owned():  # this replica's layers' inverses; zeros for the others'
+        def owned(averaged):  # this replica's layers' inverses; zeros for the others'
             out = []
             for i, block in enumerate(kron):
-                if owners[i] == me:
-                    out.extend(invert(i, block, averaged[2 * i], averaged[2 * i + 1]))
-                else:
-                    out.extend(tf.zeros(v.shape, tf.float32)
-                               for v in (block.a_inverse, block.g_inverse))
+                previous = (block.a_inverse, block.g_inverse)
+                if owners[i] != me:
+                    out.extend(tf.zeros(v.shape, tf.float32) for v in previous)
+                    continue
+                pair = block.damped_inverses(averaged[2 * i], averaged[2 * i + 1], gamma)
+                keep = all_finite(pair)
+                self._kfac.inversions.assign_add(1)
+                out.extend(tf.where(keep, fresh, tf.convert_to_tensor(v))
+                           for fresh, v in zip(pair, previous, strict=True))
             return out
 
-        return distribute.all_reduce_when(refresh, "sum", owned, old)
+        if isinstance(refresh, bool):  # the γ candidates (one replica only)
+            return owned(factors) if refresh else old()
+        averaged = factors
+        if replicas > 1:
+            averaged = distribute.all_reduce_when(refresh, "mean", lambda: factors,
+                                                  lambda: factors)
+        return distribute.all_reduce_when(refresh, "sum", lambda: owned(averaged), old)
 
     def _directions(self, grads, inverses) -> list[tf.Tensor | None]:
         """V: each block's preconditioned gradient (the gradient for first-order blocks)."""
