@@ -417,14 +417,15 @@ def test_damping_grows_when_the_step_overshoots_and_respects_max_damping(rng):
     x, y = regression_data(rng)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
         2, kernel_regularizer=lambda w: tf.reduce_sum(1.0 - tf.cos(10.0 * w)))])
-    opt = adaptive_kfac(damping=1.0, damping_adaptation_interval=2, max_damping=1.2,
+    # λ is relative to the loss's scale c = 1/2 (mse over 2 outputs): λ = 2 damps by 1.
+    opt = adaptive_kfac(damping=2.0, damping_adaptation_interval=2, max_damping=2.4,
                         momentum=0.9)
     dampings, logs = run_damping(model, opt, x, y, steps=6)
     assert logs[1]["loss"] > logs[0]["loss"] and logs[0]["rho"] < 0
     for step in range(0, 6, 2):
         assert logs[step]["rho"] < 0.25, (step, logs[step])
-    expected = expected_dampings(1.0, 6, 2, 0.95**-2, 1e-8, 1.2)
-    assert expected[1] < 1.2 and expected[-1] == 1.2
+    expected = expected_dampings(2.0, 6, 2, 0.95**-2, 1e-8, 2.4)
+    assert expected[1] < 2.4 and expected[-1] == 2.4
     np.testing.assert_allclose(dampings, expected, rtol=1e-6)
 
 

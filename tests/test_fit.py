@@ -221,7 +221,7 @@ def _token_data():
 
 
 @pytest.mark.parametrize("build", [
-    pytest.param(_embedding_model, id="embedding"),  # was /work/bugs/state-1.md
+    pytest.param(_embedding_model, id="embedding"),
     pytest.param(_normalization_model, id="batch_and_layer_normalization"),
 ])
 def test_first_order_fallback_trains_other_layers(build):

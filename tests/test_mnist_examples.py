@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tf_kfac
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -217,7 +219,7 @@ def test_examples_pass_the_fixed_mode_options_to_kfac(name):
     assert float(optimizer.learning_rate) == pytest.approx(0.3)
     assert args.epochs == 10**9  # unlimited when a time budget is given
     assert example.parse_args([]).kl_clip is None
-    assert example.make_optimizer(example.parse_args([])).kl_clip == pytest.approx(1e-3)
+    assert example.make_optimizer(example.parse_args([])).kl_clip == tf_kfac.KFAC().kl_clip
     adaptive = example.make_optimizer(example.parse_args(["--adaptive", "--kl-clip", "0.02"]))
     assert adaptive.adaptive
     with pytest.raises(SystemExit):

@@ -75,12 +75,21 @@ def as_matrix(values) -> np.ndarray:
     return np.concatenate([kernel, np.asarray(values[1], np.float64)[None]])
 
 
-def run_one_step(name, driver, rng, *, l2_reg=0.0, kl_clip=None, loss_form="object"):
-    """One K-FAC step; returns (optimizer, before, after, grads, logs) keyed by variable."""
+def run_one_step(name, driver, rng, *, l2_reg=0.0, kl_clip=None, loss_form="object",
+                 loss_weight=None):
+    """One K-FAC step; returns (optimizer, before, after, grads, logs) keyed by variable.
+
+    `loss_form="mse"` fits the softmax outputs to one-hot targets with Keras's
+    `mse`, whose scale is c = 1/CLASSES (times `loss_weight`).
+    """
     model = MODELS[name][0]()
     x, y = make_data(name, rng)
+    if loss_form == "mse":
+        y = np.eye(CLASSES, dtype="float32")[y]
     with tf.GradientTape() as tape:
-        loss = keras.losses.SparseCategoricalCrossentropy()(y, model(x, training=True))
+        objective = (keras.losses.MeanSquaredError() if loss_form == "mse"
+                     else keras.losses.SparseCategoricalCrossentropy())
+        loss = objective(y, model(x, training=True)) * (loss_weight or 1.0)
     variables = model.trainable_variables
     grads = {id(v): np.asarray(tf.convert_to_tensor(g), np.float64)
              for v, g in zip(variables, tape.gradient(loss, variables), strict=True)}
@@ -89,7 +98,8 @@ def run_one_step(name, driver, rng, *, l2_reg=0.0, kl_clip=None, loss_form="obje
     opt = tf_kfac.KFAC(learning_rate=LR, momentum=0.0, damping=DAMPING, l2_reg=l2_reg,
                        kl_clip=kl_clip, seed=11)
     if driver == "fit":
-        model.compile(optimizer=opt, loss=LOSS_FORMS[loss_form]())
+        loss_arg = "mse" if loss_form == "mse" else LOSS_FORMS[loss_form]()
+        model.compile(optimizer=opt, loss=loss_arg, loss_weights=loss_weight)
         history = model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
         logs = {key: values[-1] for key, values in history.history.items()}
     else:
@@ -102,12 +112,13 @@ def run_one_step(name, driver, rng, *, l2_reg=0.0, kl_clip=None, loss_form="obje
     return opt, model, before, after, grads, logs
 
 
-def expected_directions(opt, model, before, grads, l2_reg, use_pi=True):
+def expected_directions(opt, model, before, grads, l2_reg, use_pi=True, loss_scale=1.0):
     """[(variables, V as one array, ∇ + ηw as one array)] per block, in float64.
 
     `use_pi=False` replaces π by 1 (plain factored damping), for a negative control.
+    `loss_scale` is c: the damping is λ·c, and a fallback variable's V is (∇ + ηw)/c.
     """
-    gamma = np.sqrt(DAMPING + l2_reg)
+    gamma = np.sqrt(DAMPING * loss_scale + l2_reg)
     covered, out = [], []
     for block in opt._blocks:
         ids = [id(v) for v in block.variables]
@@ -126,18 +137,19 @@ def expected_directions(opt, model, before, grads, l2_reg, use_pi=True):
             assert isinstance(block, FirstOrderBlock)
             (i,) = ids
             grad = grads[i] + l2_reg * before[i]
-            out.append((ids, grad, grad))
+            out.append((ids, grad / loss_scale, grad))
     assert sorted(covered) == sorted(id(v) for v in model.trainable_variables)
     return out
 
 
-def check_update(opt, model, before, after, grads, l2_reg=0.0, kl_clip=None, rel_err=None):
+def check_update(opt, model, before, after, grads, l2_reg=0.0, kl_clip=None, rel_err=None,
+                 loss_scale=1.0):
     """Asserts every variable moved by −lr·ν·V; returns the reference ν."""
-    directions = expected_directions(opt, model, before, grads, l2_reg)
+    directions = expected_directions(opt, model, before, grads, l2_reg, loss_scale=loss_scale)
     nu = 1.0
     if kl_clip is not None:
         inner = sum(float(np.sum(v * g)) for _, v, g in directions)
-        nu = min(1.0, np.sqrt(kl_clip / (LR**2 * inner)))
+        nu = min(1.0, np.sqrt(kl_clip * loss_scale / (LR**2 * inner)))
     for ids, v, _ in directions:
         if len(ids) == 1 and v.shape == before[ids[0]].shape:
             moved = after[ids[0]] - before[ids[0]]
@@ -189,7 +201,7 @@ def test_kl_clip_scales_the_whole_update(kl_clip, driver, rng, rel_err):
 def test_embedding_takes_first_order_steps(l2_reg, kl_clip, driver, rng, rel_err):
     """An Embedding (sparse IndexedSlices gradient) trains with the fallback: its table
     moves by −lr·ν·(∇ + ηw), with KL-clipping and L2 as for every other variable.
-    (Regression test for /work/bugs/curvature-1.md: KL-clipping crashed on it.)"""
+    (A regression test: KL-clipping crashed on it.)"""
     result = run_one_step("embedding", driver, rng, l2_reg=l2_reg, kl_clip=kl_clip)
     opt, model = result[:2]
     (embedding_block,) = [b for b in opt._blocks if isinstance(b, FirstOrderBlock)]
@@ -201,9 +213,25 @@ def test_embedding_takes_first_order_steps(l2_reg, kl_clip, driver, rng, rel_err
 def test_step_accepts_every_documented_loss_form(loss_form, rng, rel_err):
     """`attach(model, loss=...)` + `step` takes a loss name, a loss function or a Loss
     object, and each gives Keras's mean-over-batch objective and the same update.
-    (Regression test for /work/bugs/curvature-2.md: names and functions crashed.)"""
+    (A regression test: names and functions crashed.)"""
     result = run_one_step("mlp", "step", rng, loss_form=loss_form)
     check_update(*result[:5], rel_err=rel_err)
+
+
+@pytest.mark.parametrize("loss_weight", [None, 7.0])
+def test_damping_kl_bound_and_fallback_are_relative_to_the_loss_scale(loss_weight, rng,
+                                                                       rel_err):
+    """Keras `mse` over 3 outputs (× a loss weight) has c = w/3: the step uses the
+    damping λ·c, the KL-clip bound κ·c and the fallback direction ∇/c."""
+    kl_clip = 0.02
+    c = (loss_weight or 1.0) / CLASSES
+    result = run_one_step("mlp", "fit", rng, loss_form="mse", kl_clip=kl_clip,
+                          loss_weight=loss_weight)
+    nu = check_update(*result[:5], kl_clip=kl_clip, rel_err=rel_err, loss_scale=c)
+    assert result[-1]["kl_scale"] == pytest.approx(nu, rel=1e-4)
+    # Negative control: the same step read with absolute constants (c = 1) is rejected.
+    with pytest.raises(AssertionError):
+        check_update(*result[:5], kl_clip=kl_clip, rel_err=rel_err, loss_scale=1.0)
 
 
 def test_pi_adjustment_matches_its_definition(rng):

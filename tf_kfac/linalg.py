@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# Traces below this are treated as zero when computing π, so that a layer whose
-# factor vanishes (a dead unit, an all-zero input) gets a finite π.
-_TRACE_FLOOR = 1e-12
+# Mean eigenvalues below this are treated as zero when computing π, so that a
+# layer whose factor vanishes (a dead unit, an all-zero input) gets a finite π.
+# It is far below any scale a loss gives G (a mean over 10⁶ outputs of a
+# vanishing gradient stays above it), so the loss's scale never meets it.
+_TRACE_FLOOR = 1e-30
 
 
 def pi_adjustment(a_factor: tf.Tensor, g_factor: tf.Tensor) -> tf.Tensor:
     """π = √((tr A / dim A) / (tr G / dim G)) (Martens & Grosse 2015, §6.3)."""
     a_mean = tf.linalg.trace(a_factor) / tf.cast(tf.shape(a_factor)[0], a_factor.dtype)
     g_mean = tf.linalg.trace(g_factor) / tf.cast(tf.shape(g_factor)[0], g_factor.dtype)
-    return tf.sqrt(tf.maximum(a_mean, _TRACE_FLOOR) / tf.maximum(g_mean, _TRACE_FLOOR))
+    # Square roots first: the ratio of two floored means could overflow float32.
+    return tf.sqrt(tf.maximum(a_mean, _TRACE_FLOOR)) / tf.sqrt(tf.maximum(g_mean, _TRACE_FLOOR))
 
 
 def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:

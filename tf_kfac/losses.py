@@ -119,13 +119,17 @@ class LossSpec:
     def scale(self, z: tf.Tensor, batch_size=None) -> tf.Tensor:
         """c: per-example loss = c · (−log p), with loss weight and reduction.
 
-        With the `"sum"` reduction the objective is B times the mean, so c
-        carries the batch size B (that of `z` unless given).
+        With the `"sum"` reduction Keras sums the loss over the batch and the
+        output positions instead of averaging, so c carries the batch size B
+        (that of `z` unless given) and the number of positions.
         """
         c = self.weight / self.elements_per_example(z)
         if self.sum_reduction:
+            # Keras sums the per-position losses (one per softmax vector, or per
+            # entry averaged over the last axis) over the batch and positions.
             batch = tf.shape(z)[0] if batch_size is None else batch_size
-            c = c * tf.cast(batch, tf.float32)
+            positions = tf.cast(tf.reduce_prod(tf.shape(z)[1:-1]), tf.float32)
+            c = c * tf.cast(batch, tf.float32) * positions
         return c
 
     # ------------------------------------------------------------- logits
@@ -240,26 +244,53 @@ def _canonical(loss: Any) -> tuple[str, bool, str] | None:
     return None
 
 
-def resolve_loss(loss: Any, loss_weights: Any = None) -> LossSpec:
+def _single_weight(loss_weights: Any, output_names: Any, loss: Any) -> float:
+    """The loss weight of a single-output model from any form Keras accepts.
+
+    `loss_weights` may be a number, a one-element list or tuple, or a dict
+    with one entry (keyed by the output's name, as Keras matches it).
+    """
+    if loss_weights is None:
+        return 1.0
+    if isinstance(loss_weights, (list, tuple)) and len(loss_weights) == 1:
+        loss_weights = loss_weights[0]
+    elif isinstance(loss_weights, dict):
+        names = list(output_names or ())
+        matching = [key for key in loss_weights if key in names]
+        if len(matching) == 1:
+            loss_weights = loss_weights[matching[0]]
+        elif len(loss_weights) == 1:
+            (loss_weights,) = loss_weights.values()
+    if isinstance(loss_weights, bool) or not isinstance(loss_weights, (int, float)):
+        raise UnsupportedLossError(
+            f"tf_kfac reads one loss weight for a single-output model; received "
+            f"loss_weights={loss_weights!r} for the loss {loss!r}. Pass a number, a "
+            "one-element list or a one-entry dict."
+        )
+    return float(loss_weights)
+
+
+def resolve_loss(loss: Any, loss_weights: Any = None, output_names: Any = None) -> LossSpec:
     """Reads a LossSpec from the loss and loss weights given to `compile`.
+
+    Args:
+        loss: the loss as given to `compile` (a name, function, `Loss`
+            object, or a one-element list or dict of one).
+        loss_weights: as given to `compile`: a number, a one-element list, or
+            a one-entry dict keyed by the output's name.
+        output_names: the model's output names, to match a dict.
 
     Raises:
         UnsupportedLossError: when the loss is not one that K-FAC knows the
             predictive distribution of.
     """
-    weight = 1.0
     if isinstance(loss, (list, tuple)) and len(loss) == 1:
         loss = loss[0]
-        if isinstance(loss_weights, (list, tuple)) and len(loss_weights) == 1:
-            loss_weights = loss_weights[0]
     if isinstance(loss, dict) and len(loss) == 1:
         (key, loss), = loss.items()
-        if isinstance(loss_weights, dict):
-            loss_weights = loss_weights.get(key, 1.0)
-    if loss_weights is not None:
-        if not isinstance(loss_weights, (int, float)):
-            raise UnsupportedLossError(unsupported_loss_message(loss))
-        weight = float(loss_weights)
+        if isinstance(loss_weights, dict) and key in loss_weights:
+            loss_weights = loss_weights[key]
+    weight = _single_weight(loss_weights, output_names, loss)
     canonical = _canonical(loss)
     if canonical is None:
         raise UnsupportedLossError(unsupported_loss_message(loss))

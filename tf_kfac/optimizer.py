@@ -19,7 +19,7 @@ from tf_kfac.linalg import all_finite
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact")
-FIXED_DAMPING = 1e-3
+FIXED_DAMPING = 3e-4
 ADAPTIVE_DAMPING = 1.0
 
 _UNSUPPORTED_BASE_ARGS = {
@@ -64,11 +64,23 @@ class KFAC(keras.optimizers.Optimizer):
     A ⊗ G, A from the layer's inputs and G from the gradients at its
     pre-activation, so the gradient W̄ of the layer (kernel, with the bias as a
     last row) is preconditioned as V = (A + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹ with
-    γ = √(damping + l2_reg). Every other trainable variable (normalisation,
+    γ = √(damping·c + l2_reg). Every other trainable variable (normalisation,
     embeddings, custom layers) trains with the first-order fallback: its update
-    direction is its gradient. The directions are scaled by the KL-clip factor
-    ν = min(1, √(kl_clip / (lr² Σ⟨V, ∇⟩))) and applied with heavy-ball
-    momentum: m ← momentum·m + ν·V, w ← w − lr·m.
+    direction is its gradient divided by c. The directions are scaled by the
+    KL-clip factor ν = min(1, √(kl_clip·c / (lr² Σ⟨V, ∇⟩))) and applied with
+    heavy-ball momentum: m ← momentum·m + ν·V, w ← w − lr·m.
+
+    c is the loss's scale: Keras's per-example loss is c·(−log p(y|z)), so
+    c = 1 for a classifier's cross-entropy, 1/d for `binary_crossentropy` and
+    `mse` averaged over d outputs, times the loss weight, times the batch
+    size and the positions with `reduction="sum"`. The Fisher, the gradient
+    and the objective all carry c; `damping` and `kl_clip` are relative to it,
+    so multiplying the loss by any constant (a mean or a sum over pixels, a
+    loss weight) leaves the training run unchanged, as with Adam. `damping`
+    is the damping of the curvature of the negative log-likelihood summed over
+    the outputs, and `kl_clip` bounds the predicted KL divergence per example
+    of the model's predictive distribution (summed over its outputs). For a
+    loss that tf_kfac does not know (`fisher="empirical"`), c = 1.
 
     With `adaptive=True` the step follows the paper's §6–7 instead: the update
     δ = αΔ + μδ₀ (Δ = −V, δ₀ the previous update) takes α and μ from the
@@ -92,10 +104,13 @@ class KFAC(keras.optimizers.Optimizer):
             Defaults to `0.1`. Ignored when `adaptive=True`.
         momentum: float in [0, 1), or a schedule. Defaults to `0.5` (0.9, common
             for SGD, overshoots once the KL-clip stops binding late in training).
-        damping: the Tikhonov damping λ > 0, or a schedule. Defaults to `1e-3`,
-            and with `adaptive=True` to `1.0`, λ's initial value.
+        damping: the Tikhonov damping λ > 0 relative to the loss's scale c
+            (λ·c is added to the curvature), or a schedule. Defaults to
+            `3e-4`, and with `adaptive=True` to `1.0`, λ's initial value.
         l2_reg: the paper's L2 coefficient η ≥ 0: η·w is added to every
-            gradient and η to the damping. Defaults to `0.0`. (Keras's
+            gradient and η to the damping. It is part of the objective, in its
+            own units (not relative to c): a loss scaled by c meets the same η,
+            so the run changes with c when η > 0. Defaults to `0.0`. (Keras's
             `weight_decay` keeps its decoupled meaning.)
         fisher: how G is estimated. `"sampled"` (default): targets drawn from
             the model's predictive distribution (the true Fisher). `"empirical"`:
@@ -112,8 +127,10 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_update_interval: recompute the damped inverses every this many
             steps. Defaults to `20`. Factors and inverses are always refreshed
             from the first step's batch.
-        kl_clip: the KL-clip bound κ > 0, or `None` to turn it off. Defaults to
-            `1e-3`. Ignored when `adaptive=True`.
+        kl_clip: the KL-clip bound κ > 0 on the predicted KL divergence of the
+            model's predictive distribution per example (κ·c in the loss's
+            units), or `None` to turn it off. Defaults to `3e-3`.
+            Ignored when `adaptive=True`.
         adaptive: use the paper's §6–7 control instead of the learning rate,
             momentum and KL-clip: the update is δ = αΔ + μδ₀ with α, μ minimising
             the quadratic model built from exact mini-batch Fisher products, and
@@ -122,7 +139,8 @@ class KFAC(keras.optimizers.Optimizer):
             drops the μ term. Defaults to `False`.
         adapt_gamma: with `adaptive=True`, also choose the factored-Tikhonov
             strength γ every `gamma_adaptation_interval` steps among {γ, ω₂γ,
-            γ/ω₂} by the quadratic model (§6.6); otherwise γ = √(λ + η).
+            γ/ω₂} by the quadratic model (§6.6); otherwise γ = √(λc + η). The
+            adapted γ is kept and logged relative to √c.
             Defaults to `False`.
         quadratic_model_fraction: fraction of the batch the quadratic model's
             Fisher products use. Defaults to `1.0`. The paper used a quarter, with
@@ -133,8 +151,8 @@ class KFAC(keras.optimizers.Optimizer):
             measured on those steps only). Defaults to `5`.
         gamma_adaptation_interval: T₂, steps between γ adaptations. Defaults to
             `20`.
-        min_damping, max_damping: bounds on the adapted λ. Default to `1e-8` and
-            `1e8`.
+        min_damping, max_damping: bounds on the adapted λ (relative to c, as
+            λ is). Default to `1e-8` and `1e8`.
         seed: int seed of the sampled targets; `None` draws one. The seed is kept
             in the config and in the optimizer's state, so a reloaded or restored
             optimizer continues the same draws.
@@ -157,7 +175,7 @@ class KFAC(keras.optimizers.Optimizer):
         factor_decay: float = 0.95,
         factor_update_interval: int = 5,
         inverse_update_interval: int = 20,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 3e-3,
         adaptive: bool = False,
         adapt_gamma: bool = False,
         quadratic_model_fraction: float = 1.0,
@@ -342,7 +360,7 @@ class KFAC(keras.optimizers.Optimizer):
         else:
             loss_weights = None
         try:
-            return resolve_loss(loss, loss_weights)
+            return resolve_loss(loss, loss_weights, getattr(model, "output_names", None))
         except UnsupportedLossError:
             if self.fisher == "empirical":
                 return None
@@ -534,7 +552,8 @@ class KFAC(keras.optimizers.Optimizer):
             tf.equal(tf.cast(self.iterations, tf.int64) % self.factor_update_interval, 0),
         )
 
-    def _apply_kfac_update(self, grads, loss, batch_factors, context) -> dict[str, tf.Tensor]:
+    def _apply_kfac_update(self, grads, loss, batch_factors, context,
+                           loss_scale) -> dict[str, tf.Tensor]:
         """Updates factors, inverses, momentum and weights from one step.
 
         Args:
@@ -543,6 +562,8 @@ class KFAC(keras.optimizers.Optimizer):
             batch_factors: this batch's (A, G) per Kronecker block (by id).
             context: a `training.StepContext` (network output, objective at
                 shifted weights) for the adaptive mode.
+            loss_scale: c, the loss's scale (per-example loss = c·(−log p));
+                the damping, the KL-clip bound and γ are relative to it.
 
         A step whose loss, gradients, statistics or update are not all finite
         changes nothing but the step counters.
@@ -552,10 +573,13 @@ class KFAC(keras.optimizers.Optimizer):
         step = tf.cast(self.iterations, tf.int64)
         damping = (tf.convert_to_tensor(self._damping) if self.adaptive
                    else self._current(self.damping))
+        # λ, κ and γ are relative to the curvature's scale c: the factors (and
+        # the gradient) carry c, so λ·c is the damping added to them.
+        loss_scale = tf.cast(loss_scale, tf.float32)
         if self.adapt_gamma:
-            gamma = tf.convert_to_tensor(self._gamma)
+            gamma = tf.sqrt(loss_scale) * tf.convert_to_tensor(self._gamma)
         else:
-            gamma = tf.sqrt(damping + self.l2_reg)
+            gamma = tf.sqrt(damping * loss_scale + self.l2_reg)
 
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
                  for g in grads]
@@ -600,11 +624,11 @@ class KFAC(keras.optimizers.Optimizer):
         logs = {"damping": damping}
         if not self.adaptive:
             inverses = self._inverses(kron, factors, gamma, refresh)
-            updates, buffers, step_logs = self._fixed_step(grads, inverses)
+            updates, buffers, step_logs = self._fixed_step(grads, inverses, loss_scale)
             writes = [(self._damping, damping, None)]
         else:
             updates, buffers, inverses, gamma, step_logs, writes = self._adaptive_step(
-                grads, loss, factors, gamma, damping, refresh, ok, context)
+                grads, loss, factors, gamma, damping, refresh, ok, context, loss_scale)
             refresh = tf.logical_or(refresh, self._gamma_adaptation_due(ok))
         logs.update(step_logs)
         ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
@@ -635,7 +659,7 @@ class KFAC(keras.optimizers.Optimizer):
             (self._inverse_updates, self._inverse_updates + tf.cast(refresh, tf.int64) * ok64,
              None),
             (self._skipped_steps, skipped, None),
-            (self._gamma, tf.where(ok, gamma, self._gamma), None),
+            (self._gamma, tf.where(ok, gamma / tf.sqrt(loss_scale), self._gamma), None),
         ]
         distribute.write(writes)
         self._iterations.assign_add(1)
@@ -680,8 +704,13 @@ class KFAC(keras.optimizers.Optimizer):
                                                   lambda: factors)
         return distribute.all_reduce_when(refresh, "sum", lambda: owned(averaged), old)
 
-    def _directions(self, grads, inverses) -> list[tf.Tensor | None]:
-        """V: each block's preconditioned gradient (the gradient for first-order blocks)."""
+    def _directions(self, grads, inverses, loss_scale) -> list[tf.Tensor | None]:
+        """V: each block's preconditioned gradient.
+
+        A first-order block's direction is its gradient divided by the loss's
+        scale c: its curvature is taken as c·I, so that its step, like the
+        Kronecker blocks', does not depend on the scale of the objective.
+        """
         var_list = self._trainable_variables
         index = {id(v): i for i, v in enumerate(var_list)}
         kron_index = 0
@@ -695,20 +724,24 @@ class KFAC(keras.optimizers.Optimizer):
             block_grads = [grads[i] for i in positions]
             if any(g is None for g in block_grads):
                 continue
-            for i, u in zip(positions, block.precondition(block_grads, pair), strict=True):
+            preconditioned = block.precondition(block_grads, pair)
+            if pair is None:
+                preconditioned = [u / tf.cast(loss_scale, u.dtype) for u in preconditioned]
+            for i, u in zip(positions, preconditioned, strict=True):
                 directions[i] = u
         return directions
 
-    def _fixed_step(self, grads, inverses):
+    def _fixed_step(self, grads, inverses, loss_scale):
         """Learning rate, KL-clip, Keras clipping, heavy-ball momentum, weight decay."""
         var_list = self._trainable_variables
         lr = tf.cast(self._get_current_learning_rate(), tf.float32)
         momentum = self._current(self.momentum)
-        directions = self._directions(grads, inverses)
+        directions = self._directions(grads, inverses, loss_scale)
         logs = {}
         if self.kl_clip is not None:
             inner = qmodel.inner_product(directions, grads)
-            scale = tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)))
+            bound = self.kl_clip * loss_scale
+            scale = tf.minimum(1.0, tf.sqrt(bound / tf.maximum(lr * lr * inner, 1e-30)))
             directions = [None if d is None else d * tf.cast(scale, d.dtype) for d in directions]
             logs["kl_scale"] = scale
         present = [i for i, d in enumerate(directions) if d is not None]
@@ -730,17 +763,19 @@ class KFAC(keras.optimizers.Optimizer):
         step = tf.cast(self.iterations, tf.int64)
         return tf.logical_and(ok, tf.equal(step % self.gamma_adaptation_interval, 0))
 
-    def _adaptive_step(self, grads, loss, factors, gamma, damping, refresh, ok, context):
+    def _adaptive_step(self, grads, loss, factors, gamma, damping, refresh, ok, context,
+                       loss_scale):
         """δ = αΔ + μδ₀ from the quadratic model; λ by Levenberg–Marquardt; γ (§6.6)."""
         var_list = self._trainable_variables
         kron = [b for b in self._kfac.blocks if isinstance(b, KroneckerBlock)]
         previous = [tf.convert_to_tensor(b) for b in self._momentums]
         use_momentum = not (isinstance(self.momentum, (int, float)) and self.momentum == 0)
-        model = qmodel.QuadraticModel(context.output, var_list, grads, previous, damping,
-                                      self.l2_reg, use_momentum)
+        model = qmodel.QuadraticModel(context.output, var_list, grads, previous,
+                                      damping * loss_scale, self.l2_reg, use_momentum)
 
         def proposal(inverses):
-            return [None if d is None else -d for d in self._directions(grads, inverses)]
+            return [None if d is None else -d
+                    for d in self._directions(grads, inverses, loss_scale)]
 
         if self.adapt_gamma:
             omega = qmodel.gamma_factor(self.gamma_adaptation_interval)
@@ -805,7 +840,7 @@ class KFAC(keras.optimizers.Optimizer):
                              tf.where(keep, step.model_change, self._model_change)),
         }
         writes = [(variable, value, None) for variable, value in state.values()]
-        logs = {"gamma": gamma, **{name: value for name, (_, value) in state.items()
+        logs = {"gamma": gamma / tf.sqrt(loss_scale), **{name: value for name, (_, value) in state.items()
                                    if name != "damping"}}
         buffers = [None if u is None else tf.cast(u, b.dtype)
                    for u, b in zip(updates, self._momentums, strict=True)]

@@ -121,11 +121,11 @@ def curvature_step(
     def preactivation_gradient_sets():
         """Per-example output-gradient rows of the estimator, and G's scale."""
         if fisher == "empirical":
+            # Row i is ∂h/∂sᵢ = c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with the
+            # "sum" reduction c carries B), so G = c·(1/B) Σ ggᵀ needs B²/c.
             c = spec.scale(_single_output(y_pred), global_batch) if spec is not None else 1.0
-            if spec is None or not spec.sum_reduction:
-                batch = tf.cast(global_batch, tf.float32)
-                return [loss_preact_grads], batch * batch / c  # rows are ∂ℓᵢ/∂s / B
-            return [loss_preact_grads], 1.0 / c
+            batch = tf.cast(global_batch, tf.float32)
+            return [loss_preact_grads], batch * batch / c
         c = spec.scale(z, global_batch)
         if fisher == "sampled":
             return [tape.gradient(sampled, preacts)], c
@@ -155,7 +155,10 @@ def curvature_step(
     context = None
     if optimizer.adaptive:
         context = _step_context(optimizer, x, weights, global_batch, forward, objective)
-    logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context)
+    # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
+    loss_scale = (spec.scale(_single_output(y_pred) if z is None else z, global_batch)
+                  if spec is not None else tf.constant(1.0))
+    logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context, loss_scale)
     return y_pred, loss, logs
 
 
