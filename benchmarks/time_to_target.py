@@ -1,8 +1,8 @@
 """Time to target: K-FAC against Keras's Adam, SGD (Nesterov) and Muon, same wall-clock budget.
 
-    python benchmarks/time_to_target.py --data-dir ../shared/data/mnist             # 300 s a run
-    python benchmarks/time_to_target.py --data-dir ../shared/data/mnist --budget 60
-    python benchmarks/time_to_target.py --data-dir ../shared/data/mnist --quick     # < 5 minutes
+    python benchmarks/time_to_target.py --data-dir path/to/mnist             # 300 s a run
+    python benchmarks/time_to_target.py --data-dir path/to/mnist --budget 60
+    python benchmarks/time_to_target.py --data-dir path/to/mnist --quick     # < 5 minutes
 
 Workloads (the examples' models, on the 10,000-image MNIST test split when
 `--data-dir` points at its IDX files, otherwise on tfds's `mnist` test split):
