@@ -1,4 +1,4 @@
-"""The adaptive mode (DESIGN §3, paper §6.5–6.6 and §7) against float64 references.
+"""The adaptive mode (docs/design.md §5, paper §6.5–6.6 and §7) against float64 references.
 
 In adaptive mode one step moves the weights by δ = αΔ + μδ₀, Δ = −V the K-FAC
 proposal and δ₀ the previous update, with (α, μ) minimising the quadratic model
