@@ -2,6 +2,11 @@
 
     python benchmarks/step_time.py               # all workloads, 3 repeats
     python benchmarks/step_time.py --quick       # fewer steps, one repeat
+    python benchmarks/step_time.py --device gpu --jit   # on a GPU, with XLA
+
+`--device auto` (the default) runs on the GPU when TensorFlow sees one, else on
+the CPU; `--device gpu` fails with a clear message where there is none. The
+script is the same on both, so figures taken on a GPU compare with these.
 
 Each workload is trained with `model.fit` on random data of the right shape;
 a callback records the wall time of every batch. The first steps (tracing,
@@ -91,13 +96,16 @@ def data(builder, batch_size: int, steps: int, loss: str):
     return x, y
 
 
+JIT_COMPILE = {"value": "auto"}  # set from --jit
+
+
 def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
     keras.utils.set_random_seed(0)
     model = builder()
     loss_fn = (
         "mse" if loss == "mse" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    model.compile(optimizer=optimizer, loss=loss_fn)
+    model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=JIT_COMPILE["value"])
     x, y = data(builder, batch_size, steps, loss)
     timer = StepTimer()
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
@@ -143,7 +151,22 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="substring of the workloads to run")
     parser.add_argument("--breakdown", action="store_true",
                         help="also attribute K-FAC's time on the batch-1000 MLP to its parts")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where to run (auto: the GPU when there is one)")
+    parser.add_argument("--jit", action="store_true", help="compile(jit_compile=True): XLA")
     args = parser.parse_args()
+    gpus = tf.config.list_physical_devices("GPU")
+    if args.device == "gpu" and not gpus:
+        parser.error("--device gpu: TensorFlow sees no GPU on this machine")
+    device = "/GPU:0" if args.device == "gpu" or (args.device == "auto" and gpus) else "/CPU:0"
+    if args.jit:
+        JIT_COMPILE["value"] = True
+    print(f"device {device}, jit_compile={JIT_COMPILE['value']}", flush=True)
+    with tf.device(device):
+        run(args, device)
+
+
+def run(args, device: str) -> None:
     steps, repeats = (45, 1) if args.quick else (args.steps, args.repeats)
     warmup = 5
 
@@ -182,6 +205,8 @@ def main() -> None:
         "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:]),
         "breakdown_ms_per_step": parts,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "device": device,
+        "jit_compile": JIT_COMPILE["value"],
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "tf_kfac": tf_kfac.__version__},
         "kfac_defaults": tf_kfac.KFAC().get_config(),
@@ -191,7 +216,8 @@ def main() -> None:
     }
     if not args.only:
         RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / "step_time.json"
+        suffix = ("_gpu" if "GPU" in device else "") + ("_xla" if args.jit else "")
+        out = RESULTS / f"step_time{suffix}.json"
         out.write_text(json.dumps(record, indent=2, default=str))
         print(f"wrote {out}")
 

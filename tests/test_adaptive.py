@@ -1,4 +1,4 @@
-"""The adaptive mode (DESIGN §3, paper §6.5–6.6 and §7) against float64 references.
+"""The adaptive mode (docs/design.md §5, paper §6.5–6.6 and §7) against float64 references.
 
 In adaptive mode one step moves the weights by δ = αΔ + μδ₀, Δ = −V the K-FAC
 proposal and δ₀ the previous update, with (α, μ) minimising the quadratic model
@@ -409,6 +409,13 @@ def test_damping_shrinks_on_an_exact_quadratic_and_respects_min_damping(rng):
     np.testing.assert_allclose(dampings, expected, rtol=1e-6)
 
 
+class _PeriodicRegularizer(keras.regularizers.Regularizer):
+    """Σ (1 − cos 10w): steep, periodic, and invisible to the Fisher."""
+
+    def __call__(self, w):
+        return tf.reduce_sum(1.0 - tf.cos(10.0 * w))
+
+
 def test_damping_grows_when_the_step_overshoots_and_respects_max_damping(rng):
     """A steep periodic kernel regulariser (1 − cos 10w) is invisible to the Fisher, so the
     quadratic model mispredicts and the loss rises (ρ < ¼): λ grows by 1/ω₁ at each
@@ -416,7 +423,7 @@ def test_damping_grows_when_the_step_overshoots_and_respects_max_damping(rng):
     the first step raises the loss, and its ρ is negative."""
     x, y = regression_data(rng)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
-        2, kernel_regularizer=lambda w: tf.reduce_sum(1.0 - tf.cos(10.0 * w)))])
+        2, kernel_regularizer=_PeriodicRegularizer())])
     # λ is relative to the loss's scale c = 1/2 (mse over 2 outputs): λ = 2 damps by 1.
     opt = adaptive_kfac(damping=2.0, damping_adaptation_interval=2, max_damping=2.4,
                         momentum=0.9)

@@ -1,4 +1,6 @@
-"""Behaviour: K-FAC against tuned first-order optimizers (DESIGN §6, oracle 8), and the quickstart.
+"""Behaviour: K-FAC against tuned first-order optimizers, and the quickstart.
+
+(docs/design.md §6, oracle 10.)
 
 The problem is small and badly conditioned on purpose: a tanh MLP regresses a smooth function
 of latent variables z, but it only sees x = (z · s) Q, where the scales s span 1e-2..1e2 and Q

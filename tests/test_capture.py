@@ -1,4 +1,4 @@
-"""Captured layer inputs and pre-activation gradients (DESIGN §6, oracle 1).
+"""Captured layer inputs and pre-activation gradients (docs/design.md §6, oracle 1).
 
 With fisher="empirical" and factor_decay=0, a layer's factors are plain functions
 of what K-FAC captured in the training step: A = (1/B) Σ āāᵀ over its inputs (or

@@ -1,4 +1,4 @@
-"""The Kronecker factors against brute-force curvature (DESIGN §6, oracles 2, 3 and 5).
+"""The Kronecker factors against brute-force curvature (docs/design.md §6, oracles 2, 3 and 5).
 
 The references never go through tf_kfac: a hand-written float64 forward pass with the
 model's weights, `tf.GradientTape` Jacobians, Hessians of Keras's own loss functions, and
@@ -211,7 +211,8 @@ def test_batch_size_one_kron_equals_exact_ggn_block(case_name, hidden, rng, rel_
 def test_deep_linear_mse_kron_equals_exact_ggn_block_at_any_batch_size(rng, rel_err):
     """Deep linear network + mse, B = 8, fisher="exact": kron(A, G) is the exact GGN block.
 
-    Checked numerically, this (DESIGN §6.2) is true at every batch size, not only B = 1:
+    Checked numerically, this (docs/design.md §6, oracle 2) holds at every batch size,
+    not only B = 1:
     in a linear network Mᵢ = ∂zᵢ/∂sᵢ is a product of the later kernels, the same for
     every example, and mse's output Hessian is the constant (2c/B)·I. So
     (1/B) Σᵢ āᵢāᵢᵀ ⊗ MᵀHM = A ⊗ G with no approximation at all.

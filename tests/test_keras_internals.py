@@ -351,3 +351,22 @@ def test_multi_worker_fit_fix_is_installed_and_leaves_other_strategies_alone():
         tf.distribute.get_replica_context().replica_id_in_sync_group, tf.float32) + 1.0)
     logs = trainer_module.reduce_per_replica({"loss": values}, strategy, "auto")
     assert float(logs["loss"]) == 1.5  # Keras's mean over the replicas
+
+
+@pytest.mark.parametrize(("tensorflow_version", "keras_version", "message"), [
+    ("2.17.1", "3.15.0", "TensorFlow 2.18 or newer; TensorFlow 2.17.1"),
+    ("2.21.0", "3.9.2", "Keras 3.10 or newer; Keras 3.9.2"),
+])
+def test_an_older_release_gets_a_clear_error_at_import(tensorflow_version, keras_version,
+                                                       message):
+    from tf_kfac import _versions
+
+    with pytest.raises(ImportError, match=message):
+        _versions.check(tensorflow_version, keras_version)
+
+
+def test_the_lowest_supported_and_the_installed_releases_pass_the_check():
+    from tf_kfac import _versions
+
+    _versions.check("2.18.1", "3.10.0")
+    _versions.check(tf.__version__, keras.__version__)

@@ -135,8 +135,9 @@ def test_to_float_and_heldout_split(mnist_data):
 # ----------------------------------------------------------------- TFDS path
 def test_tfds_path_with_mock_data(mnist_data):
     """`tfds.testing.mock_data` generates random examples; no download, no metadata needed."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12):
+    # The submodule is imported by name: not every release imports it with the package.
+    tfds_testing = pytest.importorskip("tensorflow_datasets.testing")
+    with tfds_testing.mock_data(num_examples=12):
         images, labels = mnist_data.load_mnist(split="test")
     assert images.dtype == np.uint8 and images.shape == (12, 28, 28)
     assert labels.shape == (12,) and np.issubdtype(labels.dtype, np.integer)

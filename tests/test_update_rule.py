@@ -1,4 +1,4 @@
-"""The preconditioned update against a dense NumPy solve (DESIGN §6, oracle 4).
+"""The preconditioned update against a dense NumPy solve (docs/design.md §6, oracle 4).
 
 One step from fresh optimizer state (so momentum plays no part) must move each
 Dense/Conv2D layer's W̄ = [K; b] by exactly −lr·ν·V with

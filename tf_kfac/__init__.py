@@ -8,10 +8,17 @@ Importing tf_kfac routes `model.fit`'s default training step to K-FAC's for
 models compiled with a `KFAC` optimizer; every other model trains as before.
 """
 
-from tf_kfac import _keras_internals
-from tf_kfac.losses import SUPPORTED_LOSSES
-from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC
-from tf_kfac.training import fit_train_step
+import keras as _keras
+import tensorflow as _tf
+
+from tf_kfac import _versions
+
+_versions.check(_tf.__version__, _keras.__version__)
+
+from tf_kfac import _keras_internals  # noqa: E402
+from tf_kfac.losses import SUPPORTED_LOSSES  # noqa: E402
+from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC  # noqa: E402
+from tf_kfac.training import fit_train_step  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__"]

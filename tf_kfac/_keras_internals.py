@@ -127,8 +127,10 @@ def _fix_multi_worker_fit(trainer: type, find_kfac: Callable) -> None:
         if (iterator is None or strategy is None or not multi_worker(strategy)
                 or find_kfac(getattr(self, "optimizer", None)) is None):
             return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
-            first = next(batches)
+        # The epoch iterator yields (step, batches) up to Keras 3.10 and
+        # (first step, last step, batches) later: the batches come last.
+        for entry in iterator:
+            first = next(entry[-1])
             data_batch = tf.nest.map_structure(
                 lambda v: strategy.experimental_local_results(v)[0]
                 if isinstance(v, tf.distribute.DistributedValues) else v, first)

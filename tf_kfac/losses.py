@@ -164,7 +164,9 @@ class LossSpec:
             # loss op; sample from finite logits instead and let the step's
             # finiteness check (the loss itself is not finite) skip the step.
             flat = tf.where(tf.math.is_finite(flat), flat, tf.zeros_like(flat))
-            draws = tf.random.stateless_categorical(flat, 1, seed=seed, dtype=tf.int32)
+            # XLA has a kernel only for an int32 seed; the draws are the same.
+            draws = tf.random.stateless_categorical(flat, 1, seed=tf.cast(seed, tf.int32),
+                                                    dtype=tf.int32)
             draws = tf.stop_gradient(tf.reshape(draws, tf.shape(z)[:-1]))
             nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=draws, logits=z)
         elif self.kind == _BERNOULLI:

@@ -38,6 +38,8 @@ def _is_schedule(value: Any) -> bool:
 def _check_number(name: str, value: Any, low: float, high: float | None, closed_low: bool):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number; received {name}={value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number; received {name}={value!r}.")
     ok = value >= low if closed_low else value > low
     if high is not None:
         ok = ok and value < high
@@ -233,7 +235,10 @@ class KFAC(keras.optimizers.Optimizer):
         _check_interval("damping_adaptation_interval", damping_adaptation_interval)
         _check_interval("gamma_adaptation_interval", gamma_adaptation_interval)
         _check_number("min_damping", min_damping, 0.0, None, closed_low=False)
-        _check_number("max_damping", max_damping, min_damping, None, closed_low=False)
+        _check_number("max_damping", max_damping, 0.0, None, closed_low=False)
+        if not max_damping > min_damping:
+            raise ValueError(f"`min_damping` must be below `max_damping`; received "
+                             f"min_damping={min_damping!r}, max_damping={max_damping!r}.")
         if adapt_gamma and not adaptive:
             raise ValueError("`adapt_gamma=True` needs `adaptive=True`: γ is chosen by the "
                              "quadratic model, which only the adaptive mode builds.")
@@ -305,13 +310,17 @@ class KFAC(keras.optimizers.Optimizer):
                 "This KFAC optimizer already trains another model. Create one KFAC "
                 "instance per model."
             )
-        if model.dtype_policy.name == "mixed_float16" or isinstance(
+        half = [layer.name for layer in internals.flatten_layers(model)
+                if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None)
+                == "float16"]
+        if model.dtype_policy.name == "mixed_float16" or half or isinstance(
             getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer
         ):
+            where = f" (layers computing in float16: {', '.join(half)})" if half else ""
             raise ValueError(
-                "KFAC does not support loss scaling (the 'mixed_float16' policy) yet. "
-                "Train in float32, or with the 'mixed_bfloat16' policy, which needs no "
-                "loss scaling."
+                "KFAC does not support float16 computation and its loss scaling (the "
+                f"'mixed_float16' policy) yet{where}. Train in float32, or with the "
+                "'mixed_bfloat16' policy, which needs no loss scaling."
             )
         self._check_distribution()
         if state.registered and attached is model and (loss is None or state.loss_given == loss):
@@ -623,15 +632,22 @@ class KFAC(keras.optimizers.Optimizer):
         ))
         logs = {"damping": damping}
         if not self.adaptive:
-            inverses = self._inverses(kron, factors, gamma, refresh)
+            inverses, failed = self._inverses(kron, factors, gamma, refresh)
             updates, buffers, step_logs = self._fixed_step(grads, inverses, loss_scale)
             writes = [(self._damping, damping, None)]
         else:
-            updates, buffers, inverses, gamma, step_logs, writes = self._adaptive_step(
-                grads, loss, factors, gamma, damping, refresh, ok, context, loss_scale)
+            updates, buffers, inverses, gamma, step_logs, writes, failed = (
+                self._adaptive_step(grads, loss, factors, gamma, damping, refresh, ok, context,
+                                    loss_scale))
             refresh = tf.logical_or(refresh, self._gamma_adaptation_due(ok))
         logs.update(step_logs)
         ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
+        # A layer whose refreshed inverse is not finite keeps its previous one; before
+        # the first refresh there is none (the state holds zeros), so the step is
+        # skipped and the next one inverts again. Only a complete refresh counts.
+        inverted = tf.equal(failed, 0.0)
+        never_inverted = tf.equal(self._inverse_updates, 0)
+        ok = tf.logical_and(ok, tf.logical_or(inverted, tf.logical_not(never_inverted)))
 
         # Write factors, inverses, momentum, weights; all kept on a bad step.
         # Factors and inverses are written only on the steps that change them;
@@ -656,8 +672,8 @@ class KFAC(keras.optimizers.Optimizer):
         writes += [
             (self._factor_updates,
              self._factor_updates + ok64 * tf.cast(update_factors, tf.int64), None),
-            (self._inverse_updates, self._inverse_updates + tf.cast(refresh, tf.int64) * ok64,
-             None),
+            (self._inverse_updates, self._inverse_updates
+             + tf.cast(tf.logical_and(refresh, inverted), tf.int64) * ok64, None),
             (self._skipped_steps, skipped, None),
             (self._gamma, tf.where(ok, gamma / tf.sqrt(loss_scale), self._gamma), None),
         ]
@@ -666,24 +682,27 @@ class KFAC(keras.optimizers.Optimizer):
         logs["skipped_steps"] = skipped
         return logs
 
-    def _inverses(self, kron, factors, gamma, refresh) -> list[tf.Tensor]:
+    def _inverses(self, kron, factors, gamma, refresh):
         """Damped inverses at γ when `refresh`, else the stored ones (flat, A⁻¹ then G⁻¹).
 
-        With several replicas the factors (each replica's moving averages) are
-        averaged first, each layer is inverted on the one replica that owns it,
-        and the inverses are shared (tf_kfac/distribute.py).
+        Returns the inverses and how many layers' fresh inverses were not finite
+        (each of those keeps its stored inverse). With several replicas the
+        factors (each replica's moving averages) are averaged first, each layer
+        is inverted on the one replica that owns it, and the inverses are shared
+        (tf_kfac/distribute.py).
         """
         if not kron:
-            return []
+            return [], tf.constant(0.0)
         replicas = distribute.num_replicas()
         owners = distribute.inverse_owners([b.inverse_cost for b in kron], replicas)
         me = distribute.replica_id()
 
         def old():
-            return [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
+            stored = [tf.convert_to_tensor(v) for b in kron for v in (b.a_inverse, b.g_inverse)]
+            return [*stored, tf.constant(0.0)]
 
         def owned(averaged):  # this replica's layers' inverses; zeros for the others'
-            out = []
+            out, failed = [], []
             for i, block in enumerate(kron):
                 previous = (block.a_inverse, block.g_inverse)
                 if owners[i] != me:
@@ -691,18 +710,21 @@ class KFAC(keras.optimizers.Optimizer):
                     continue
                 pair = block.damped_inverses(averaged[2 * i], averaged[2 * i + 1], gamma)
                 keep = all_finite(pair)
+                failed.append(1.0 - tf.cast(keep, tf.float32))
                 self._kfac.inversions.assign_add(1)
                 out.extend(tf.where(keep, fresh, tf.convert_to_tensor(v))
                            for fresh, v in zip(pair, previous, strict=True))
-            return out
+            return [*out, tf.add_n(failed) if failed else tf.constant(0.0)]
 
         if isinstance(refresh, bool):  # the γ candidates (one replica only)
-            return owned(factors) if refresh else old()
-        averaged = factors
-        if replicas > 1:
-            averaged = distribute.all_reduce_when(refresh, "mean", lambda: factors,
-                                                  lambda: factors)
-        return distribute.all_reduce_when(refresh, "sum", lambda: owned(averaged), old)
+            result = owned(factors) if refresh else old()
+        else:
+            averaged = factors
+            if replicas > 1:
+                averaged = distribute.all_reduce_when(refresh, "mean", lambda: factors,
+                                                      lambda: factors)
+            result = distribute.all_reduce_when(refresh, "sum", lambda: owned(averaged), old)
+        return list(result[:-1]), result[-1]
 
     def _directions(self, grads, inverses, loss_scale) -> list[tf.Tensor | None]:
         """V: each block's preconditioned gradient.
@@ -783,8 +805,10 @@ class KFAC(keras.optimizers.Optimizer):
             def choose_gamma():
                 candidates = [gamma, gamma * omega, gamma / omega]
                 results = []
+                failed = tf.constant(0.0)
                 for candidate in candidates:
-                    inverses = self._inverses(kron, factors, candidate, True)
+                    inverses, candidate_failed = self._inverses(kron, factors, candidate, True)
+                    failed += candidate_failed
                     results.append((inverses, model.best_step(proposal(inverses)).model_change))
                 values = tf.stack([tf.where(tf.math.is_finite(v), v, float("inf"))
                                    for _, v in results])
@@ -792,15 +816,16 @@ class KFAC(keras.optimizers.Optimizer):
                 chosen = tf.gather(tf.stack(candidates), best)
                 flat = [tf.gather(tf.stack(parts), best)
                         for parts in zip(*(inv for inv, _ in results), strict=True)]
-                return [chosen, *flat]
+                return [chosen, failed, *flat]
 
             def keep_gamma():
-                return [gamma, *self._inverses(kron, factors, gamma, refresh)]
+                inverses, failed = self._inverses(kron, factors, gamma, refresh)
+                return [gamma, failed, *inverses]
 
             chosen = tf.cond(self._gamma_adaptation_due(ok), choose_gamma, keep_gamma)
-            gamma, inverses = chosen[0], list(chosen[1:])
+            gamma, failed, inverses = chosen[0], chosen[1], list(chosen[2:])
         else:
-            inverses = self._inverses(kron, factors, gamma, refresh)
+            inverses, failed = self._inverses(kron, factors, gamma, refresh)
 
         delta = proposal(inverses)
         step = model.best_step(delta)
@@ -840,11 +865,31 @@ class KFAC(keras.optimizers.Optimizer):
                              tf.where(keep, step.model_change, self._model_change)),
         }
         writes = [(variable, value, None) for variable, value in state.values()]
-        logs = {"gamma": gamma / tf.sqrt(loss_scale), **{name: value for name, (_, value) in state.items()
-                                   if name != "damping"}}
+        logs = {"gamma": gamma / tf.sqrt(loss_scale),
+                **{name: value for name, (_, value) in state.items() if name != "damping"}}
         buffers = [None if u is None else tf.cast(u, b.dtype)
                    for u, b in zip(updates, self._momentums, strict=True)]
-        return updates, buffers, inverses, gamma, logs, writes
+        return updates, buffers, inverses, gamma, logs, writes, failed
+
+    def load_own_variables(self, store):
+        """Restores the K-FAC state from a `.keras` file, or raises if it does not fit.
+
+        Keras itself only warns and keeps fresh state when the saved optimizer
+        has a different number of variables; K-FAC's factors, inverses,
+        momentum and counters would then restart silently.
+        """
+        saved, built = len(store.keys()), len(self.variables)
+        if saved != built:
+            raise ValueError(
+                f"The saved optimizer state has {saved} variables, but this K-FAC optimizer, "
+                f"built for the loaded model, has {built}: the file comes from another "
+                "version of tf_kfac or another model. Loading it would silently restart "
+                "K-FAC's factors, inverses, momentum and step counters. To use the weights "
+                "without the optimizer state, load with "
+                "`keras.models.load_model(path, compile=False)` and compile again with a new "
+                "tf_kfac.KFAC()."
+            )
+        super().load_own_variables(store)
 
     # ------------------------------------------------------------- config
     def get_config(self):

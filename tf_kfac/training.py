@@ -123,8 +123,13 @@ def curvature_step(
         if fisher == "empirical":
             # Row i is ∂h/∂sᵢ = c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with the
             # "sum" reduction c carries B), so G = c·(1/B) Σ ggᵀ needs B²/c.
+            # An example weight w enters the rows once, but G = c·(1/B) Σ w ggᵀ
+            # carries it once too: divide the rows by √w (rows of weight 0 are 0).
             c = spec.scale(_single_output(y_pred), global_batch) if spec is not None else 1.0
             batch = tf.cast(global_batch, tf.float32)
+            if sample_weight is not None:
+                root = tf.sqrt(weights)
+                return [[_per_example(g, root) for g in loss_preact_grads]], batch * batch / c
             return [loss_preact_grads], batch * batch / c
         c = spec.scale(z, global_batch)
         if fisher == "sampled":
@@ -137,7 +142,8 @@ def curvature_step(
         flat = []
         for block in kron_blocks:
             block_calls = calls[id(block)]
-            flat.append(block.input_factor(block_calls, batch_size))
+            flat.append(block.input_factor(
+                block_calls, batch_size, None if sample_weight is None else weights))
             flat.append(tf.add_n([
                 block.output_factor(_grads_of(block_calls, preacts, grads_), batch_size, g_scale)
                 for grads_ in grad_sets
@@ -204,6 +210,12 @@ def _step_context(optimizer, x, weights, global_batch, forward, objective) -> St
         batch_size=global_batch,
     )
     return StepContext(output=output, objective_at=objective_at)
+
+
+def _per_example(rows: tf.Tensor, root_weights: tf.Tensor) -> tf.Tensor:
+    """A (B, ...) tensor divided by √w per example, 0 where w = 0."""
+    shape = [-1] + [1] * (rows.shape.rank - 1)
+    return tf.math.divide_no_nan(rows, tf.cast(tf.reshape(root_weights, shape), rows.dtype))
 
 
 def _grads_of(block_calls, preacts, grad_set):

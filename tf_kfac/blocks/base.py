@@ -137,18 +137,37 @@ class KroneckerBlock(CurvatureBlock):
         grads = tf.cast(preactivation_grads, tf.float32)
         return tf.reshape(grads, [-1, self.output_size])
 
-    def _rows_of_calls(self, calls: Sequence[LayerCall]) -> tf.Tensor:
-        rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
-        rows = tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
-        if self.has_bias:
-            rows = tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
-        return rows
+    def _rows_of_calls(self, calls: Sequence[LayerCall],
+                       row_scales: tf.Tensor | None = None) -> tf.Tensor:
+        """ā rows of every call (example-major), each example's rows times `row_scales`."""
+        rows = []
+        for call in calls:
+            call_rows = self.input_rows(tf.cast(call.inputs, tf.float32))
+            if self.has_bias:
+                call_rows = tf.concat([call_rows, tf.ones_like(call_rows[:, :1])], axis=1)
+            if row_scales is not None:
+                per_example = tf.shape(call_rows)[0] // tf.shape(row_scales)[0]
+                call_rows *= tf.repeat(row_scales, per_example)[:, None]
+            rows.append(call_rows)
+        return tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
 
     # ------------------------------------------------------------ factors
-    def input_factor(self, calls: Sequence[LayerCall], batch_size: tf.Tensor) -> tf.Tensor:
-        """This batch's A = (1/B) Σ āāᵀ, summed over positions and calls."""
-        rows = self._rows_of_calls(calls)
-        return tf.matmul(rows, rows, transpose_a=True) / tf.cast(batch_size, tf.float32)
+    def input_factor(self, calls: Sequence[LayerCall], batch_size: tf.Tensor,
+                     example_weights: tf.Tensor | None = None) -> tf.Tensor:
+        """This batch's A = Σᵢ wᵢ Σₜ āāᵀ / Σᵢ wᵢ, summed over positions and calls.
+
+        With the example weights wᵢ of the objective (1/B) Σ wᵢ ℓᵢ (sample and
+        class weights), A is their weighted mean, so an example of weight 0
+        does not shape it; without weights it is (1/B) Σ āāᵀ. G carries the
+        weights' scale, (1/B) Σ wᵢ gᵢgᵢᵀ.
+        """
+        if example_weights is None:
+            rows = self._rows_of_calls(calls)
+            return tf.matmul(rows, rows, transpose_a=True) / tf.cast(batch_size, tf.float32)
+        weights = tf.cast(example_weights, tf.float32)
+        rows = self._rows_of_calls(calls, tf.sqrt(weights))
+        total = tf.reduce_sum(weights)
+        return tf.math.divide_no_nan(tf.matmul(rows, rows, transpose_a=True), total)
 
     def output_factor(
         self, preactivation_grads: Sequence[tf.Tensor], batch_size: tf.Tensor, g_scale
