@@ -134,42 +134,9 @@ def run_one(spec: dict) -> dict:
                                            spec["seed"]), **problem.compile_kwargs)
     budget, evals = spec["budget"], spec["evaluations"]
 
-    class Clock(keras.callbacks.Callback):
-        """Charges only the training steps after the first; evaluates every budget/evals."""
+    from clock import TrainingClock
 
-        def __init__(self):
-            super().__init__()
-            self.eval_s = 0.0
-            self.curve = [(0.0, 0, self.evaluate())]
-            self.step_times: list[float] = []
-            self.trained, self.steps, self.first_step = 0.0, 0, 0.0
-            self.next_eval = budget / evals
-
-        def evaluate(self) -> float:
-            start = time.perf_counter()
-            value = problem.error(model)
-            self.eval_s += time.perf_counter() - start
-            return value
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            elapsed = time.perf_counter() - self._start
-            self.steps += 1
-            if self.steps == 1:  # tracing and compiling the train function: not training
-                self.first_step = elapsed
-                return
-            self.step_times.append(elapsed)
-            self.trained += elapsed
-            if self.trained >= self.next_eval or self.trained >= budget:
-                value = self.evaluate()
-                self.curve.append((self.trained, self.steps, value))
-                self.next_eval += budget / evals
-                if self.trained >= budget or not math.isfinite(value):
-                    model.stop_training = True
-
-    clock = Clock()
+    clock = TrainingClock(lambda: problem.error(model), budget, evals)
     model.fit(problem.data, steps_per_epoch=problem.steps_per_epoch, epochs=10**6,
               shuffle=False, verbose=0, callbacks=[clock])  # the pipeline shuffles
     warm = clock.step_times[5:] or clock.step_times or [float("nan")]

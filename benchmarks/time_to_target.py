@@ -32,7 +32,6 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -127,34 +126,9 @@ def run_one(spec: dict) -> dict:
     model.compile(optimizer=optimizer, **compile_kwargs)
     budget, evals = spec["budget"], spec["evaluations"]
 
-    class Clock(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.curve = [(0.0, 0, error(model))]
-            self.step_times: list[float] = []
-            self.trained = 0.0
-            self.steps = 0
-            self.next_eval = budget / evals
+    from clock import TrainingClock
 
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            elapsed = time.perf_counter() - self._start
-            self.steps += 1
-            if self.steps == 1:  # tracing and compiling the train function: not training
-                self.first_step = elapsed
-                return
-            self.step_times.append(elapsed)
-            self.trained += elapsed
-            if self.trained >= self.next_eval or self.trained >= budget:
-                value = error(model)
-                self.curve.append((self.trained, self.steps, value))
-                self.next_eval += budget / evals
-                if self.trained >= budget or value != value:  # budget spent, or NaN
-                    model.stop_training = True
-
-    clock = Clock()
+    clock = TrainingClock(lambda: error(model), budget, evals)
     model.fit(x, y, batch_size=BATCH[spec["workload"]], epochs=10**6, shuffle=True,
               verbose=0, callbacks=[clock])
     warm = clock.step_times[5:] or clock.step_times

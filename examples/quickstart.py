@@ -11,7 +11,7 @@ that the reloaded files predict exactly what the trained model predicts.
 The digits (1,797 8x8 images, bundled with scikit-learn) need no download.
 
     python examples/quickstart.py                 # from the repository root
-    python examples/quickstart.py --epochs 5 --plot /tmp/quickstart.png
+    python examples/quickstart.py --epochs 5 --plot digits.png
 """
 
 from __future__ import annotations

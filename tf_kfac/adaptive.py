@@ -3,7 +3,9 @@
 Given K-FAC's proposal Δ = −F̆⁻¹∇h and the previous update δ₀, the update is
 δ = αΔ + μδ₀ with (α, μ) minimising the quadratic model
 
-    M(δ) = ½ δᵀ C δ + ∇hᵀ δ,   C = F + (λ + η) I   (λ here is the absolute damping, λ·c in KFAC's terms),
+    M(δ) = ½ δᵀ C δ + ∇hᵀ δ,   C = F + (λ + η) I,
+
+(λ here is the absolute damping: λ·c in terms of KFAC's relative `damping`),
 
 where F is the exact mini-batch Fisher/GGN, used only through products
 (forward-mode Jacobian-vector products of the network output and the loss's
