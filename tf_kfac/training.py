@@ -118,24 +118,25 @@ def curvature_step(
     else:
         grads = tape.gradient(loss, var_list)
 
+    # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
+    loss_scale = (spec.scale(_single_output(y_pred) if z is None else z, global_batch)
+                  if spec is not None else tf.constant(1.0))
+
     def preactivation_gradient_sets():
         """Per-example output-gradient rows of the estimator, and G's scale."""
         if fisher == "empirical":
-            # Row i is ∂h/∂sᵢ = c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with the
-            # "sum" reduction c carries B), so G = c·(1/B) Σ ggᵀ needs B²/c.
-            # An example weight w enters the rows once, but G = c·(1/B) Σ w ggᵀ
-            # carries it once too: divide the rows by √w (rows of weight 0 are 0).
-            c = spec.scale(_single_output(y_pred), global_batch) if spec is not None else 1.0
-            batch = tf.cast(global_batch, tf.float32)
+            # Row i is ∂h/∂sᵢ = wᵢ·c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with
+            # the "sum" reduction c carries B), so G = c·(1/B) Σ wᵢ gᵢgᵢᵀ needs the
+            # rows divided by √wᵢ (rows of weight 0 stay 0) and the scale B²/c.
+            rows = loss_preact_grads
             if sample_weight is not None:
-                root = tf.sqrt(weights)
-                return [[_per_example(g, root) for g in loss_preact_grads]], batch * batch / c
-            return [loss_preact_grads], batch * batch / c
-        c = spec.scale(z, global_batch)
+                rows = [_per_example(g, tf.sqrt(weights)) for g in rows]
+            batch = tf.cast(global_batch, tf.float32)
+            return [rows], batch * batch / loss_scale
         if fisher == "sampled":
-            return [tape.gradient(sampled, preacts)], c
+            return [tape.gradient(sampled, preacts)], loss_scale
         columns = spec.hessian_sqrt_columns(z, weights)
-        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], c
+        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], loss_scale
 
     def batch_statistics():
         grad_sets, g_scale = preactivation_gradient_sets()
@@ -161,9 +162,6 @@ def curvature_step(
     context = None
     if optimizer.adaptive:
         context = _step_context(optimizer, x, weights, global_batch, forward, objective)
-    # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
-    loss_scale = (spec.scale(_single_output(y_pred) if z is None else z, global_batch)
-                  if spec is not None else tf.constant(1.0))
     logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context, loss_scale)
     return y_pred, loss, logs
 
