@@ -205,13 +205,14 @@ def classification_data(rng, batch=6, inputs=3, classes=2):
 
 
 def flat_buffers(opt) -> np.ndarray:
-    return np.concatenate([m.numpy().astype(np.float64).ravel() for m in opt._momentums])
+    return np.concatenate([m.numpy().astype(np.float64).ravel() for m in opt._kfac.state.momentums])
 
 
 def take_step(opt, ref, x, y):
     """One `opt.step`; returns what the references need from before and after it."""
     record = {"theta": ref.theta(), "previous": flat_buffers(opt),
-              "damping": float(opt._damping.numpy()), "gamma": float(opt._gamma.numpy())}
+              "damping": float(opt._kfac.state.damping.numpy()),
+              "gamma": float(opt._kfac.state.gamma.numpy())}
     record["logs"] = {key: float(value) for key, value in opt.step(x, y).items()}
     record["after"] = ref.theta()
     record["buffers"] = flat_buffers(opt)
@@ -293,7 +294,7 @@ LOSS_CASES = {
 @pytest.mark.parametrize("case", list(LOSS_CASES))
 def test_fisher_products_by_jvp_equal_the_dense_fisher(case, rng):
     """The quadratic model's Gram matrix [uᵢᵀFuⱼ] (forward-mode JVPs of the network output
-    through `training._step_context`, `output_jvp` and `fisher_gram`) equals the dense
+    through `training.step_context`, `output_jvp` and `fisher_gram`) equals the dense
     (1/n) Σ c·wᵢ·JᵢᵀHᵢJᵢ for each supported loss and output activation. The batch of 5
     with fraction ½ uses the first ⌈2.5⌉ = 3 examples; the sample weights are not 1."""
     outputs, activation, loss, kind = LOSS_CASES[case]
@@ -304,8 +305,10 @@ def test_fisher_products_by_jvp_equal_the_dense_fisher(case, rng):
     batch = 5
     x = rng.normal(size=(batch, 3)).astype("float32")
     weights = rng.uniform(0.5, 2.0, batch).astype("float32")
-    context = training._step_context(opt, x, tf.constant(weights), tf.constant(batch),
-                                     lambda inputs: model(inputs, training=True), None)
+    context = training.step_context(
+        opt._kfac.spec, opt._kfac.candidates, opt.quadratic_model_fraction,
+        model.trainable_variables, x, tf.constant(weights), tf.constant(batch),
+        lambda inputs: model(inputs, training=True), None)
     variables = model.trainable_variables
     tangents = [rng.normal(size=(2, ref.sizes[i])) for i in range(len(variables))]
     jvps = []
@@ -353,7 +356,7 @@ def test_rho_is_the_reduction_ratio_of_the_undamped_model(rng):
         damping = r["damping"]
         expected = damping * omega if rho > 0.75 else damping / omega if rho < 0.25 else damping
         assert r["logs"]["damping"] == pytest.approx(damping, rel=1e-6)  # λ used by the step
-        assert float(opt._damping.numpy()) == pytest.approx(expected, rel=1e-5), step
+        assert float(opt._kfac.state.damping.numpy()) == pytest.approx(expected, rel=1e-5), step
 
 
 # ------------------------------------------------------------ 4. λ
@@ -371,9 +374,9 @@ def run_damping(model, opt, x, y, steps):
     opt.attach(model, loss=keras.losses.MeanSquaredError())
     dampings, logs = [], []
     for _ in range(steps):
-        dampings.append(float(opt._damping.numpy()))
+        dampings.append(float(opt._kfac.state.damping.numpy()))
         logs.append({key: float(value) for key, value in opt.step(x, y).items()})
-    return dampings + [float(opt._damping.numpy())], logs
+    return dampings + [float(opt._kfac.state.damping.numpy())], logs
 
 
 def expected_dampings(initial, steps, interval, factor, low, high):
@@ -452,12 +455,12 @@ def test_gamma_adaptation_picks_the_candidate_with_the_lowest_quadratic_model(rn
     opt = adaptive_kfac(damping=0.05, l2_reg=ETA, momentum=0.9, adapt_gamma=True,
                         gamma_adaptation_interval=interval)
     opt.attach(model, loss=keras.losses.SparseCategoricalCrossentropy())
-    assert float(opt._gamma.numpy()) == pytest.approx(np.sqrt(0.05 + ETA))
+    assert float(opt._kfac.state.gamma.numpy()) == pytest.approx(np.sqrt(0.05 + ETA))
     choices = []
     for step in range(7):
         r = take_step(opt, ref, x, y)
         gamma = r["logs"]["gamma"]
-        assert float(opt._gamma.numpy()) == pytest.approx(gamma, rel=1e-6)
+        assert float(opt._kfac.state.gamma.numpy()) == pytest.approx(gamma, rel=1e-6)
         if step % interval:
             assert gamma == pytest.approx(r["gamma"], rel=1e-6), step
             continue
@@ -487,7 +490,7 @@ def test_gamma_adaptation_picks_the_candidate_with_the_lowest_quadratic_model(rn
 
 
 # ------------------------------------------------------------ 6. saving
-ADAPTIVE_STATE = ("_damping", "_gamma", "_alpha", "_mu", "_rho", "_model_change", "iterations")
+ADAPTIVE_STATE = ("damping", "gamma", "alpha", "mu", "rho", "model_change")
 
 
 def fit_settings():
@@ -511,8 +514,8 @@ def test_keras_file_saved_mid_training_resumes_the_adaptive_state_exactly(tmp_pa
     model.compile(optimizer=tf_kfac.KFAC(**fit_settings()), loss="sparse_categorical_crossentropy")
     fit_epochs(model, x, y, 1)
     opt = model.optimizer
-    assert float(opt._damping.numpy()) != pytest.approx(0.05)
-    assert float(opt._gamma.numpy()) != pytest.approx(np.sqrt(0.05 + ETA))
+    assert float(opt._kfac.state.damping.numpy()) != pytest.approx(0.05)
+    assert float(opt._kfac.state.gamma.numpy()) != pytest.approx(np.sqrt(0.05 + ETA))
     model.save(tmp_path / "mid.keras")
     straight_logs = fit_epochs(model, x, y, 1)
 
@@ -521,11 +524,13 @@ def test_keras_file_saved_mid_training_resumes_the_adaptive_state_exactly(tmp_pa
     resumed_logs = fit_epochs(loaded, x, y, 1)
 
     for name in ADAPTIVE_STATE:
-        np.testing.assert_allclose(getattr(loaded.optimizer, name).numpy(),
-                                   getattr(opt, name).numpy(), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(loaded.optimizer._kfac.state, name).numpy(),
+                                   getattr(opt._kfac.state, name).numpy(), rtol=1e-6,
+                                   err_msg=name)
+    assert int(loaded.optimizer.iterations.numpy()) == int(opt.iterations.numpy())
     for key in ("damping", "gamma", "alpha", "mu", "rho", "model_change", "loss"):
         assert resumed_logs[key] == pytest.approx(straight_logs[key], rel=1e-6), key
-    for a, b in zip(loaded.optimizer._momentums, opt._momentums, strict=True):
+    for a, b in zip(loaded.optimizer._kfac.state.momentums, opt._kfac.state.momentums, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
     for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

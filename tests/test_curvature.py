@@ -369,7 +369,7 @@ def test_conv2d_factors_equal_explicit_patch_loop(config, patches, rng, rel_err,
     """
     # Both ways the block extracts patches (chosen by patch size) must agree.
     depth = 0 if patches == "extract-patches" else 10**6
-    monkeypatch.setattr(tf_kfac.blocks.conv2d, "_CONV_PATCH_DEPTH", depth)
+    monkeypatch.setattr(tf_kfac.blocks.conv, "_CONV_PATCH_DEPTH", depth)
     batch, filters = 2, 3
     x = rng.normal(size=(batch, 7, 6, 2)).astype("float32")
     y = rng.normal(size=(batch, 2)).astype("float32")

@@ -140,11 +140,11 @@ def test_each_layer_is_inverted_on_exactly_one_replica_per_refresh(mirrored, rng
                                         .index("kfac_inverse_updates")].numpy())
     assert refreshes == 3  # steps 0, 3 and 6 of 7
     per_replica = [int(v.numpy()) for v in
-                   mirrored.experimental_local_results(optimizer._kfac.inversions)]
+                   mirrored.experimental_local_results(optimizer._kfac.estimator.inversions)]
     # Costs (d³ per factor): 11³+12³ = 3059, 13³+6³ = 2413, 7³+4³ = 407; the
     # largest goes to replica 0, the next two to replica 1.
     assert per_replica == [refreshes * 1, refreshes * 2]
-    assert int(optimizer._kfac.inversions.numpy()) == refreshes * 3  # each layer once
+    assert int(optimizer._kfac.estimator.inversions.numpy()) == refreshes * 3  # each layer once
 
 
 def test_inverse_owners_balance_the_cost():
@@ -167,7 +167,7 @@ def test_sampled_draws_differ_across_replicas_and_repeat_with_the_seed(mirrored,
 
     def local_factors():
         model, optimizer, _ = _train(_mlp, mirrored, weights, x, y, fisher="sampled")
-        block = optimizer._kfac.blocks[0]
+        block = optimizer._blocks[0]
         return ([v.numpy() for v in mirrored.experimental_local_results(block.a_factor.value)],
                 [v.numpy() for v in mirrored.experimental_local_results(block.g_factor.value)])
 
@@ -233,7 +233,7 @@ def test_checkpoint_under_two_replicas_restores_into_one_device(mirrored, rng, r
     fresh.attach(fresh_model)
     tf.train.Checkpoint(model=fresh_model, optimizer=fresh).restore(path).assert_consumed()
     _assert_same_state(_optimizer_state(fresh), _optimizer_state(optimizer), rel_err)
-    block = optimizer._kfac.blocks[0]
+    block = optimizer._blocks[0]
     local = [v.numpy() for v in mirrored.experimental_local_results(block.a_factor.value)]
     np.testing.assert_allclose(fresh.kronecker_factors(fresh_model.layers[0])[0].numpy(),
                                (local[0] + local[1]) / 2, rtol=1e-5)

@@ -117,7 +117,7 @@ def test_model_without_dense_or_conv2d():
     model.compile(optimizer=tf_kfac.KFAC(), loss="mse")
     x = np.arange(24).reshape(8, 3).astype("int32") % 10
     y = np.zeros((8, 2), "float32")
-    match = r"Dense or Conv2D(.|\n)*first-order optimizer"
+    match = r"no layer with a curvature block(.|\n)*first-order optimizer"
     with pytest.raises(ValueError, match=match):
         model.fit(x, y, batch_size=4, verbose=0)
     with pytest.raises(ValueError, match=match):

@@ -63,7 +63,7 @@ def test_random_fault_injection_skips_exactly_the_poisoned_steps(rng):
         model.fit(xs, y, sample_weight=weights, batch_size=BATCH, epochs=1, shuffle=False,
                   verbose=0)
         assert_finite_state(model, opt)
-        assert int(opt._skipped_steps.numpy()) == injected, kind
+        assert int(opt._kfac.state.skipped_steps.numpy()) == injected, kind
         assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(),
                                                              strict=True))
     print(f"\nfault injection: {injected} poisoned steps, {injected} skipped, 0 crashes, "
@@ -84,7 +84,7 @@ def test_a_model_whose_output_overflows_skips_the_step(rng):
     x[:, 0] = 0.0
     x[3, 0] = 1e10  # the first batch overflows
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    assert int(opt._skipped_steps.numpy()) == 1
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 1
     assert_finite_state(model, opt)
 
 
@@ -96,7 +96,7 @@ def test_an_exploding_step_is_not_written(rng):
     x, y = make_data(2 * BATCH, rng)
     before = model.get_weights()
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-    assert int(opt._skipped_steps.numpy()) >= 1
+    assert int(opt._kfac.state.skipped_steps.numpy()) >= 1
     assert_finite_state(model, opt)
     assert any(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
 
@@ -121,7 +121,7 @@ def test_awkward_data_trains_to_finite_state(case, rng):
         assert np.isfinite(history.history["val_loss"][-1])
     else:
         history = model.fit(x, y, **fit_args)
-    assert int(opt._skipped_steps.numpy()) == 0
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 0
     assert all(np.isfinite(history.history["loss"]))
     # 33 examples: 4 full batches and one of 1 a epoch; 24 of them with validation_split.
     # (With an unknown cardinality Keras's own optimizers count 12 here too.)

@@ -82,13 +82,13 @@ def test_install_fit_hook_routes_kfac_models_only(monkeypatch):
         assert model_class.train_step is hook, model_class
 
     calls = []
-    original = tf_kfac.training.curvature_step
+    original = tf_kfac.KFAC._run_step
 
     def counting(*args, **kwargs):
         calls.append(args[1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tf_kfac.training, "curvature_step", counting)
+    monkeypatch.setattr(tf_kfac.KFAC, "_run_step", counting)
     x, y = _data()
     for optimizer, expected in ((keras.optimizers.Adam(), False), (tf_kfac.KFAC(), True)):
         model = _mlp()

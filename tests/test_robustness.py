@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 import tf_kfac
-from tf_kfac.blocks import base as block_base
+from tf_kfac.blocks import kronecker as block_base
 
 FINITE_CHECKED = ["learning_rate", "momentum", "damping", "l2_reg", "kl_clip", "factor_decay",
                   "min_damping", "max_damping", "quadratic_model_fraction"]
@@ -91,7 +91,7 @@ def test_the_mixed_bfloat16_policy_trains_with_float32_factors():
         for factor in opt.kronecker_factors(layer):
             assert factor.dtype == tf.float32
             assert np.all(np.isfinite(factor.numpy()))
-    assert int(opt._skipped_steps.numpy()) == 0
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 0
 
 
 class _FailFirstInversions:
@@ -121,12 +121,12 @@ def test_a_non_finite_first_inversion_skips_the_step_and_is_retried(monkeypatch)
                         _FailFirstInversions(count=1))
     before = [layer.kernel.numpy().copy() for layer in layers]
     model.fit(x[:8], y[:8], batch_size=8, verbose=0)
-    assert int(opt._skipped_steps.numpy()) == 1
-    assert int(opt._inverse_updates.numpy()) == 0
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 1
+    assert int(opt._kfac.state.inverse_updates.numpy()) == 0
     for layer, kernel in zip(layers, before, strict=True):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
     model.fit(x[8:], y[8:], batch_size=8, verbose=0)
-    assert int(opt._inverse_updates.numpy()) == 1
+    assert int(opt._kfac.state.inverse_updates.numpy()) == 1
     for layer, kernel in zip(layers, before, strict=True):
         assert not np.array_equal(layer.kernel.numpy(), kernel), layer.name
     for block in opt._blocks:
@@ -141,14 +141,14 @@ def test_a_non_finite_later_inversion_keeps_the_previous_inverse(monkeypatch):
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", run_eagerly=True)
     x, y = _data(32)
     model.fit(x[:8], y[:8], batch_size=8, verbose=0)  # iteration 0: first inversion
-    kept = [v.numpy().copy() for b in opt._blocks for v in b.state[2:]]
+    kept = [v.numpy().copy() for b in opt._blocks for v in b.refreshed]
     model.fit(x[8:16], y[8:16], batch_size=8, verbose=0)  # iteration 1: no refresh
     monkeypatch.setattr(block_base, "factored_tikhonov_inverses",
                         _FailFirstInversions(count=1))
     weights = model.get_weights()
     model.fit(x[16:24], y[16:24], batch_size=8, verbose=0)  # iteration 2: refresh fails
-    now = [v.numpy() for b in opt._blocks for v in b.state[2:]]
-    assert int(opt._skipped_steps.numpy()) == 0
+    now = [v.numpy() for b in opt._blocks for v in b.refreshed]
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 0
     assert any(not np.array_equal(a, b) for a, b in zip(weights, model.get_weights(),
                                                          strict=True))
     # The failed layer keeps its previous inverse; nothing non-finite is written.

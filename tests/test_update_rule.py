@@ -277,5 +277,5 @@ def test_factor_and_inverse_intervals():
         assert same_a == (step != 3), step
         assert same_inv == (step != 4), step
         assert not np.array_equal(kernels[step], kernels[step - 1]), step
-    assert int(opt._factor_updates.numpy()) == 2
-    assert int(opt._inverse_updates.numpy()) == 2
+    assert int(opt._kfac.state.factor_updates.numpy()) == 2
+    assert int(opt._kfac.state.inverse_updates.numpy()) == 2

@@ -61,4 +61,4 @@ def test_xla_with_the_sampled_fisher_trains_to_finite_state(mode):
     assert losses[-1] < losses[0]
     assert all(np.all(np.isfinite(w)) for w in weights)
     assert all(np.all(np.isfinite(np.asarray(v.numpy(), np.float64))) for v in opt.variables)
-    assert int(opt._skipped_steps.numpy()) == 0
+    assert int(opt._kfac.state.skipped_steps.numpy()) == 0

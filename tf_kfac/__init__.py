@@ -16,12 +16,13 @@ from tf_kfac import _versions
 _versions.check(_tf.__version__, _keras.__version__)
 
 from tf_kfac import _keras_internals  # noqa: E402
+from tf_kfac.blocks import register_block  # noqa: E402
+from tf_kfac.fit import fit_train_step  # noqa: E402
 from tf_kfac.losses import SUPPORTED_LOSSES  # noqa: E402
 from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC  # noqa: E402
-from tf_kfac.training import fit_train_step  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__"]
+__all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__", "register_block"]
 
 
 def _find_kfac(optimizer):

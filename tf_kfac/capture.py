@@ -1,7 +1,7 @@
 """Capturing layer inputs and pre-activations during a K-FAC training step.
 
-Dense and Conv2D apply their activation inside `call`, so their pre-activation
-s is not a tensor of the model's graph. `wrap_layer` replaces `call` on the
+Dense, EinsumDense and the convolutions apply their activation inside `call`,
+so their pre-activation s is not a tensor of the model's graph. `wrap_layer` replaces `call` on the
 layer *instance* (Keras looks `call` up on the instance at every call) with a
 function that, only while a `Recording` is active, runs the layer's own `call`
 with the activation switched off, records the input and s, and applies the
@@ -93,12 +93,15 @@ def wrap_layer(layer: keras.layers.Layer) -> None:
         current = active_recording()
         if current is None or not current.records(layer) or internals.in_symbolic_build():
             return original_call(inputs, *args, **kwargs)
-        activation = layer.activation
-        object.__setattr__(layer, "activation", None)
-        try:
+        activation = getattr(layer, "activation", None)
+        if activation is None:  # no activation to separate: the output is s
             preactivation = original_call(inputs, *args, **kwargs)
-        finally:
-            object.__setattr__(layer, "activation", activation)
+        else:
+            object.__setattr__(layer, "activation", None)
+            try:
+                preactivation = original_call(inputs, *args, **kwargs)
+            finally:
+                object.__setattr__(layer, "activation", activation)
         output = activation(preactivation) if activation is not None else preactivation
         name = getattr(activation, "__name__", None)
         current.add(layer, LayerCall(inputs, preactivation, output, name))

@@ -34,8 +34,14 @@ SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",
                         "OneDeviceStrategy", "the default (no) strategy")
 
 
-def check_strategy(strategy: tf.distribute.Strategy) -> None:
+def check_strategy(strategy: tf.distribute.Strategy, adapt_gamma: bool = False) -> None:
     """Raises a clear error for strategies K-FAC has not been built for."""
+    if adapt_gamma and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "KFAC(adapt_gamma=True) is not supported with more than one replica yet: "
+            "choosing γ inverts the factors three times inside a conditional step, "
+            "which cannot share work across replicas. Use adapt_gamma=False (γ then "
+            "follows the adapted damping) or train on one device.")
     supported = (
         tf.distribute.MirroredStrategy,
         tf.distribute.MultiWorkerMirroredStrategy,

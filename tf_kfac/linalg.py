@@ -1,6 +1,7 @@
 """Small linear-algebra helpers: π, damped inverses, finiteness checks.
 
-All of them work in float32 whatever the model's compute dtype.
+All of them work in float32 whatever the model's compute dtype, and on single
+factors (d, d) or batches of factors (n, d, d) alike.
 """
 
 from __future__ import annotations
@@ -14,21 +15,28 @@ import tensorflow as tf
 _TRACE_FLOOR = 1e-30
 
 
+def _mean_eigenvalue(factor: tf.Tensor) -> tf.Tensor:
+    return tf.linalg.trace(factor) / tf.cast(tf.shape(factor)[-1], factor.dtype)
+
+
 def pi_adjustment(a_factor: tf.Tensor, g_factor: tf.Tensor) -> tf.Tensor:
     """π = √((tr A / dim A) / (tr G / dim G)) (Martens & Grosse 2015, §6.3)."""
-    a_mean = tf.linalg.trace(a_factor) / tf.cast(tf.shape(a_factor)[0], a_factor.dtype)
-    g_mean = tf.linalg.trace(g_factor) / tf.cast(tf.shape(g_factor)[0], g_factor.dtype)
     # Square roots first: the ratio of two floored means could overflow float32.
-    return tf.sqrt(tf.maximum(a_mean, _TRACE_FLOOR)) / tf.sqrt(tf.maximum(g_mean, _TRACE_FLOOR))
+    return (tf.sqrt(tf.maximum(_mean_eigenvalue(a_factor), _TRACE_FLOOR))
+            / tf.sqrt(tf.maximum(_mean_eigenvalue(g_factor), _TRACE_FLOOR)))
+
+
+def symmetrised(matrix: tf.Tensor) -> tf.Tensor:
+    return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
 
 
 def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
-    """(F + damping·I)⁻¹ of a symmetric factor, symmetrised, in float32."""
+    """(F + damping·I)⁻¹ of a symmetric factor (or of each in a batch), in float32."""
     factor = tf.cast(factor, tf.float32)
-    dim = tf.shape(factor)[0]
-    damped = 0.5 * (factor + tf.transpose(factor)) + damping * tf.eye(dim, dtype=tf.float32)
-    inverse = tf.linalg.inv(damped)
-    return 0.5 * (inverse + tf.transpose(inverse))
+    damping = tf.convert_to_tensor(damping, tf.float32)
+    damping = tf.reshape(damping, tf.concat([tf.shape(damping), [1, 1]], 0))
+    eye = tf.eye(tf.shape(factor)[-1], dtype=tf.float32)
+    return symmetrised(tf.linalg.inv(symmetrised(factor) + damping * eye))
 
 
 def factored_tikhonov_inverses(

@@ -1,32 +1,30 @@
-"""The K-FAC training step: forward, gradients, curvature statistics.
+"""The measurements of a K-FAC step: forward pass, gradients, curvature statistics.
 
-One function, `curvature_step`, serves `model.fit` (through
-`fit_train_step`) and custom training loops (through `KFAC.step`). It runs
-the forward pass while the registered layers record their inputs and
-pre-activations, computes the objective's gradients, backpropagates the
-Fisher estimator's output gradients to the pre-activations, and hands the
-gradients and this batch's factors to the optimizer's update.
+`forward_pass` runs the model while the registered layers record their inputs
+and pre-activations; `gradients_and_statistics` computes the objective's
+gradients, backpropagates the Fisher estimator's output gradients to the
+pre-activations and has the estimator turn them into this batch's statistics;
+`step_context` is what the adaptive rule needs besides. Nothing here reads or
+writes optimizer state: the optimizer (`KFAC._run_step`) calls these and
+commits the update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import tensorflow as tf
 
-from tf_kfac import _keras_internals as internals
 from tf_kfac import capture, distribute
 from tf_kfac.adaptive import OutputContext
-from tf_kfac.blocks import KroneckerBlock
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tf_kfac.optimizer import KFAC
+from tf_kfac.estimator import CurvatureEstimator
+from tf_kfac.losses import LossSpec
 
 
-def _single_output(y_pred: Any) -> Any:
+def single_output(y_pred: Any) -> Any:
     if isinstance(y_pred, dict) and len(y_pred) == 1:
         return next(iter(y_pred.values()))
     if isinstance(y_pred, (list, tuple)) and len(y_pred) == 1:
@@ -37,7 +35,7 @@ def _single_output(y_pred: Any) -> Any:
 def _example_weights(sample_weight, batch_size) -> tf.Tensor:
     if sample_weight is None:
         return tf.ones([batch_size], tf.float32)
-    weights = tf.cast(_single_output(sample_weight), tf.float32)
+    weights = tf.cast(single_output(sample_weight), tf.float32)
     if weights.shape.rank is not None and weights.shape.rank > 1:
         weights = tf.reduce_mean(tf.reshape(weights, [batch_size, -1]), axis=1)
     return tf.broadcast_to(tf.reshape(weights, [-1]), [batch_size])
@@ -61,114 +59,99 @@ def _network_output(spec, y_pred, recording: capture.Recording) -> tf.Tensor:
     return spec.logits_from_output(y_pred)
 
 
-def curvature_step(
-    optimizer: KFAC,
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    forward: Callable[[Any], Any],
-    objective: Callable[[Any], tf.Tensor],
-) -> tuple[Any, tf.Tensor, dict[str, tf.Tensor]]:
-    """One K-FAC step. Returns (y_pred, loss, K-FAC scalars for the logs)."""
-    spec = optimizer._loss_spec
-    fisher = optimizer.fisher
-    layers = optimizer._candidate_layers
+@dataclasses.dataclass
+class ForwardPass:
+    """One forward pass under capture, with the tape that watched it."""
+
+    tape: tf.GradientTape
+    recording: capture.Recording
+    y_pred: Any
+    loss: tf.Tensor
+    z: tf.Tensor | None  # the network output (estimators other than "empirical")
+    sampled: tf.Tensor | None  # the sampled targets' NLL ("sampled")
+    weights: tf.Tensor  # per-example weights (ones without sample weights)
+    batch_size: tf.Tensor  # this replica's B
+    global_batch: tf.Tensor  # B across replicas
+
+
+def forward_pass(layers, spec: LossSpec | None, fisher: str, seed: Callable[[], tf.Tensor],
+                 x, sample_weight, forward, objective) -> ForwardPass:
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
     batch_size = tf.shape(first_input)[0]
     # The scales below are those of the global batch: each replica's statistics
     # are means over its share, averaged across replicas (distribute.py).
     global_batch = batch_size * distribute.num_replicas()
     weights = _example_weights(sample_weight, batch_size)
-
     with tf.GradientTape(persistent=fisher != "empirical") as tape:
         with capture.recording(layers) as recording:
             y_pred = forward(x)
         loss = objective(y_pred)
         z = sampled = None
         if fisher != "empirical":
-            z = _network_output(spec, _single_output(y_pred), recording)
+            z = _network_output(spec, single_output(y_pred), recording)
             if fisher == "sampled":
-                sampled = spec.sampled_nll(z, optimizer._sampling_seed(), weights)
+                sampled = spec.sampled_nll(z, seed(), weights)
+    return ForwardPass(tape, recording, y_pred, loss, z, sampled, weights, batch_size,
+                       global_batch)
 
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    var_list = optimizer._trainable_variables
-    if [id(v) for v in model.trainable_variables] != [id(v) for v in var_list]:
-        raise ValueError(
-            "The model's trainable variables changed after KFAC was built for it (a layer "
-            "was frozen, unfrozen or added). Create a new KFAC optimizer and compile the "
-            "model again."
-        )
-    kron_blocks = [b for b in optimizer._blocks if isinstance(b, KroneckerBlock)]
-    calls = {id(b): recording.of(b.layer) for b in kron_blocks}
-    missing = [b.name for b in kron_blocks if not calls[id(b)]]
-    if missing:
-        raise ValueError(
-            f"K-FAC registered the layers {missing}, but the training forward pass did "
-            "not call them, so their curvature cannot be measured. Remove the unused "
-            "layers from the model, or freeze them (layer.trainable = False) before "
-            "compiling."
-        )
-    preacts = [c.preactivation for b in kron_blocks for c in calls[id(b)]]
 
+def gradients_and_statistics(
+    step: ForwardPass, estimator: CurvatureEstimator, var_list, spec: LossSpec | None,
+    fisher: str, sample_weight, statistics_due: tf.Tensor,
+) -> tuple[list, list, tf.Tensor]:
+    """(the objective's gradients, this batch's statistics, the loss's scale c).
+
+    The statistics (and the estimator's extra backward pass) are computed only
+    when `statistics_due`; otherwise they are zeros.
+    """
+    tape = step.tape
+    calls = estimator.calls(step.recording)
+    preacts = [[call.preactivation for call in block_calls] for block_calls in calls]
+    flat_preacts = tf.nest.flatten(preacts)
     if fisher == "empirical":
-        all_grads = tape.gradient(loss, list(var_list) + preacts)
-        grads, loss_preact_grads = all_grads[: len(var_list)], all_grads[len(var_list) :]
+        all_grads = tape.gradient(step.loss, list(var_list) + flat_preacts)
+        grads, loss_preact_grads = all_grads[: len(var_list)], all_grads[len(var_list):]
     else:
-        grads = tape.gradient(loss, var_list)
+        grads = tape.gradient(step.loss, var_list)
 
     # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
-    loss_scale = (spec.scale(_single_output(y_pred) if z is None else z, global_batch)
-                  if spec is not None else tf.constant(1.0))
+    loss_scale = (spec.scale(single_output(step.y_pred) if step.z is None else step.z,
+                             step.global_batch) if spec is not None else tf.constant(1.0))
 
-    def preactivation_gradient_sets():
-        """Per-example output-gradient rows of the estimator, and G's scale."""
+    def gradient_sets():
+        """The estimator's per-example pre-activation gradients, and G's scale."""
         if fisher == "empirical":
             # Row i is ∂h/∂sᵢ = wᵢ·c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with
             # the "sum" reduction c carries B), so G = c·(1/B) Σ wᵢ gᵢgᵢᵀ needs the
             # rows divided by √wᵢ (rows of weight 0 stay 0) and the scale B²/c.
             rows = loss_preact_grads
             if sample_weight is not None:
-                rows = [_per_example(g, tf.sqrt(weights)) for g in rows]
-            batch = tf.cast(global_batch, tf.float32)
+                rows = [_per_example(g, tf.sqrt(step.weights)) for g in rows]
+            batch = tf.cast(step.global_batch, tf.float32)
             return [rows], batch * batch / loss_scale
         if fisher == "sampled":
-            return [tape.gradient(sampled, preacts)], loss_scale
-        columns = spec.hessian_sqrt_columns(z, weights)
-        return [tape.gradient(z, preacts, output_gradients=u) for u in columns], loss_scale
+            return [tape.gradient(step.sampled, flat_preacts)], loss_scale
+        columns = spec.hessian_sqrt_columns(step.z, step.weights)
+        return ([tape.gradient(step.z, flat_preacts, output_gradients=u) for u in columns],
+                loss_scale)
 
     def batch_statistics():
-        grad_sets, g_scale = preactivation_gradient_sets()
-        flat = []
-        for block in kron_blocks:
-            block_calls = calls[id(block)]
-            flat.append(block.input_factor(
-                block_calls, batch_size, None if sample_weight is None else weights))
-            flat.append(tf.add_n([
-                block.output_factor(_grads_of(block_calls, preacts, grads_), batch_size, g_scale)
-                for grads_ in grad_sets
-            ]))
-        return flat
+        sets, g_scale = gradient_sets()
+        sets = [tf.nest.pack_sequence_as(preacts, list(s)) for s in sets]
+        return estimator.batch_statistics(
+            calls, sets, step.batch_size, g_scale,
+            None if sample_weight is None else step.weights)
 
-    def no_statistics():
-        return [tf.zeros(v.shape, tf.float32) for b in kron_blocks for v in b.state[:2]]
-
-    # The statistics (and the estimator's extra backward pass) run only on the
-    # steps that update the factors.
-    flat = tf.cond(optimizer._factor_update_due(), batch_statistics, no_statistics)
-    batch_factors = {id(b): (flat[2 * i], flat[2 * i + 1]) for i, b in enumerate(kron_blocks)}
-
-    context = None
-    if optimizer.adaptive:
-        context = _step_context(optimizer, x, weights, global_batch, forward, objective)
-    logs = optimizer._apply_kfac_update(grads, loss, batch_factors, context, loss_scale)
-    return y_pred, loss, logs
+    if estimator.curvature_blocks:
+        statistics = tf.cond(statistics_due, batch_statistics, estimator.zero_statistics)
+    else:
+        statistics = []
+    return list(grads), statistics, loss_scale
 
 
 @dataclasses.dataclass
 class StepContext:
-    """What the adaptive mode needs beyond gradients and factors.
+    """What the adaptive mode needs beyond gradients and statistics.
 
     Attributes:
         output: the quadratic model's view of the network (on a subset of the
@@ -181,10 +164,8 @@ class StepContext:
     objective_at: Callable
 
 
-def _step_context(optimizer, x, weights, global_batch, forward, objective) -> StepContext:
-    spec = optimizer._loss_spec
-    layers = optimizer._candidate_layers
-    fraction = optimizer.quadratic_model_fraction
+def step_context(spec: LossSpec, layers, fraction: float, variables, x, weights, global_batch,
+                 forward, objective) -> StepContext:
     local_batch = tf.shape(weights)[0]
     count = tf.cast(tf.math.ceil(fraction * tf.cast(local_batch, tf.float32)), tf.int32)
     count = tf.maximum(count, 1)
@@ -192,10 +173,9 @@ def _step_context(optimizer, x, weights, global_batch, forward, objective) -> St
     def network_output(inputs):
         with capture.recording(layers) as recording:
             y_pred = forward(inputs)
-        return _network_output(spec, _single_output(y_pred), recording)
+        return _network_output(spec, single_output(y_pred), recording)
 
     def objective_at(updates):
-        variables = optimizer._trainable_variables
         mapping = [(v, v + u) for v, u in zip(variables, updates, strict=True) if u is not None]
         with keras.StatelessScope(state_mapping=mapping):
             return objective(forward(x))
@@ -214,35 +194,3 @@ def _per_example(rows: tf.Tensor, root_weights: tf.Tensor) -> tf.Tensor:
     """A (B, ...) tensor divided by √w per example, 0 where w = 0."""
     shape = [-1] + [1] * (rows.shape.rank - 1)
     return tf.math.divide_no_nan(rows, tf.cast(tf.reshape(root_weights, shape), rows.dtype))
-
-
-def _grads_of(block_calls, preacts, grad_set):
-    """The gradients in `grad_set` that belong to `block_calls` (by identity)."""
-    by_id = {id(p): g for p, g in zip(preacts, grad_set, strict=True)}
-    return [by_id[id(call.preactivation)] for call in block_calls]
-
-
-def fit_train_step(optimizer: KFAC, model: keras.Model, data: Any) -> dict[str, Any]:
-    """`Model.train_step` for models compiled with K-FAC (used by `model.fit`)."""
-    optimizer.attach(model)
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    training_arg = internals.call_has_training_arg(model)
-
-    def forward(inputs):
-        return model(inputs, training=True) if training_arg else model(inputs)
-
-    def objective(y_pred):
-        return internals.compute_loss(model, x, y, y_pred, sample_weight)
-
-    y_pred, loss, kfac_logs = curvature_step(
-        optimizer, model, x, y, sample_weight, forward, objective
-    )
-    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
-    # Keras scales each replica's loss by 1/replicas; its tracker takes the
-    # replica's own mean, as in Keras's train_step.
-    replica_loss = loss * tf.cast(distribute.num_replicas(), loss.dtype)
-    internals.update_loss_tracker(model, replica_loss, tf.shape(first_input)[0])
-    logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-    logs = dict(logs)
-    logs.update(kfac_logs)
-    return logs

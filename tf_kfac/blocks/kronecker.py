@@ -1,0 +1,210 @@
+"""The Kronecker-factored block A ⊗ G that every linear layer kind shares."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_kfac import _keras_internals as internals
+from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.linalg import factored_tikhonov_inverses
+
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+class KroneckerBlock(CurvatureBlock):
+    """A layer s = ā·W̄ with curvature A ⊗ G (Martens & Grosse 2015).
+
+    W̄ is the kernel as a (d_in, d_out) matrix (`kernel_matrix`), with the bias
+    appended as its last row; ā is the layer input at one position (a patch for
+    a convolution) with a 1 appended when there is a bias. With weight sharing
+    over T positions per example (sequences, convolutions) the block follows
+    Eschenhagen et al. (NeurIPS 2023):
+
+    - `"expand"`: A = (1/B) Σᵢ Σₜ āᵢₜāᵢₜᵀ and G = (1/B) Σᵢ (1/T) Σₜ gᵢₜgᵢₜᵀ,
+      exact for deep linear networks whose loss sums over the positions (and
+      the KFC factors of convolutions);
+    - `"reduce"`: A = (1/B) Σᵢ āᵢāᵢᵀ with āᵢ the mean over positions and G =
+      (1/B) Σᵢ ĝᵢĝᵢᵀ with ĝᵢ the sum over positions, exact when the positions are
+      pooled before the loss; its statistics cost T times less.
+
+    With the row-major vectorisation of W̄ the Fisher block is ≈ kron(A, G).
+    Subclasses say how a layer input becomes rows (`input_rows`) and, if not by
+    a reshape, how the kernel becomes W̄ (`kernel_matrix`, `kernel_from_matrix`).
+    """
+
+    weight_sharing = "expand"
+    weight_sharing_flavours: tuple[str, ...] = WEIGHT_SHARING
+
+    def __init__(self, layer: keras.layers.Layer):
+        variables = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        super().__init__(layer.path, variables)
+        self._layer = layer
+        self.has_bias = layer.bias is not None
+        self.kernel_shape = tuple(layer.kernel.shape)
+        self.output_size = int(self.kernel_shape[-1])
+        self.input_size = math.prod(self.kernel_shape) // self.output_size + int(self.has_bias)
+        self.a_factor = self.g_factor = self.a_inverse = self.g_inverse = None
+
+    @classmethod
+    def obstacle(cls, layer: keras.layers.Layer, trainable_ids: set[int]) -> str | None:
+        """Why `layer` cannot get this block (None: it can)."""
+        if getattr(layer, "lora_enabled", False):
+            return "LoRA-enabled layer: its LoRA factors train first-order"
+        if getattr(layer, "quantization_mode", None):
+            return f"quantized layer ({layer.quantization_mode})"
+        kernel = getattr(layer, "_kernel", None)
+        if kernel is None:
+            kernel = getattr(layer, "kernel", None)
+        if kernel is None or id(kernel) not in trainable_ids:
+            return "kernel is not trainable"
+        bias = getattr(layer, "bias", None)
+        if bias is not None and id(bias) not in trainable_ids:
+            return "kernel trainable but bias frozen"
+        return None
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        return self._layer
+
+    def build(self, optimizer) -> None:
+        def add(shape, suffix, replica_local=False):
+            name = f"{self.name.replace('/', '_')}_{suffix}"
+            if replica_local:
+                return internals.add_replica_local_variable(optimizer, shape, name)
+            return optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=name)
+
+        a_shape, g_shape = self.factor_shapes()
+        # Each replica keeps its own moving averages; they are averaged across
+        # replicas only when the inverses refresh (tf_kfac/distribute.py).
+        self.a_factor = add(a_shape, "kfac_A", replica_local=True)
+        self.g_factor = add(g_shape, "kfac_G", replica_local=True)
+        self.a_inverse = add(a_shape, "kfac_A_inverse")
+        self.g_inverse = add(g_shape, "kfac_G_inverse")
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and G."""
+        return (self.input_size,) * 2, (self.output_size,) * 2
+
+    @property
+    def statistics(self):
+        return (self.a_factor, self.g_factor)
+
+    @property
+    def refreshed(self):
+        return (self.a_inverse, self.g_inverse)
+
+    @property
+    def refresh_cost(self) -> float:
+        """The work of one refresh of the damped inverses: d³ per factor."""
+        return float(self.input_size) ** 3 + float(self.output_size) ** 3
+
+    # --------------------------------------------------------------- rows
+    @abc.abstractmethod
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The layer input as (examples, positions, d_in), without the 1."""
+
+    def output_rows(self, preactivation_grads: tf.Tensor) -> tf.Tensor:
+        """Pre-activation gradients as (examples, positions, d_out)."""
+        grads = tf.cast(preactivation_grads, tf.float32)
+        return tf.reshape(grads, [tf.shape(grads)[0], -1, self.output_size])
+
+    def _input_rows(self, calls) -> tf.Tensor:
+        rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
+        rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
+        if self.weight_sharing == "reduce":
+            rows = tf.reduce_mean(rows, axis=1, keepdims=True)
+        if self.has_bias:
+            rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
+        return rows
+
+    def _output_rows(self, grads) -> tf.Tensor:
+        rows = [self.output_rows(g) for g in grads]
+        rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
+        if self.weight_sharing == "reduce":
+            rows = tf.reduce_sum(rows, axis=1, keepdims=True)
+        return rows
+
+    # --------------------------------------------------------- statistics
+    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        """A = Σᵢ wᵢ Σₜ āāᵀ / Σᵢ wᵢ (or (1/B) Σ without weights), G = g_scale·(1/B)·Σ.
+
+        With the example weights wᵢ of the objective (1/B) Σ wᵢ ℓᵢ (sample and
+        class weights), A is their weighted mean, so an example of weight 0 does
+        not shape it; G carries the weights' scale, (1/B) Σ wᵢ gᵢgᵢᵀ, through the
+        estimator's gradients.
+        """
+        rows = self._input_rows(calls)
+        batch = tf.cast(batch_size, tf.float32)
+        if example_weights is None:
+            total = batch
+        else:
+            weights = tf.cast(example_weights, tf.float32)
+            rows *= tf.sqrt(weights)[:, None, None]
+            total = tf.reduce_sum(weights)
+        rows = tf.reshape(rows, [-1, self.input_size])
+        a = tf.math.divide_no_nan(tf.matmul(rows, rows, transpose_a=True), total)
+        g = 0.0
+        for grads in output_gradients:
+            out = self._output_rows(grads)
+            positions = tf.cast(tf.shape(out)[1], tf.float32)
+            out = tf.reshape(out, [-1, self.output_size])
+            g += tf.matmul(out, out, transpose_a=True) * (g_scale / (batch * positions))
+        return [a, g]
+
+    def refresh(self, statistics, gamma):
+        return list(factored_tikhonov_inverses(statistics[0], statistics[1], gamma))
+
+    # ------------------------------------------------------ precondition
+    def kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """The kernel (or its gradient) as (d_in, d_out), bias row excluded."""
+        return tf.reshape(kernel, [-1, self.output_size])
+
+    def kernel_from_matrix(self, matrix: tf.Tensor) -> tf.Tensor:
+        """Inverse of `kernel_matrix`."""
+        return tf.reshape(matrix, self.kernel_shape)
+
+    def bias_row(self, bias: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(bias, [self.output_size])
+
+    def bias_from_row(self, row: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(row, self.variables[1].shape)
+
+    def gradient_matrix(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+        """∇W̄: the kernel gradient as (d_in, d_out), the bias gradient as last row."""
+        matrix = self.kernel_matrix(tf.cast(gradients[0], tf.float32))
+        if self.has_bias:
+            bias = self.bias_row(tf.cast(gradients[1], tf.float32))
+            matrix = tf.concat([matrix, bias[None, :]], axis=0)
+        return matrix
+
+    def split_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        """Inverse of `gradient_matrix`: back to the variables' shapes and dtypes."""
+        parts = [self.kernel_from_matrix(matrix[: self.input_size - int(self.has_bias)])]
+        if self.has_bias:
+            parts.append(self.bias_from_row(matrix[-1]))
+        return [tf.cast(p, v.dtype) for p, v in zip(parts, self.variables, strict=True)]
+
+    def precondition(self, gradients, refreshed, loss_scale):
+        a_inverse, g_inverse = refreshed
+        matrix = self.gradient_matrix(gradients)
+        return self.split_matrix(tf.matmul(tf.matmul(a_inverse, matrix), g_inverse))
+
+    def kronecker_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The current (A, G)."""
+        return tf.convert_to_tensor(self.a_factor), tf.convert_to_tensor(self.g_factor)
+
+    def dense_curvature(self, a_factor, g_factor) -> tf.Tensor:
+        """kron(A, G): the block as a dense matrix over row-major vec(W̄) (tests)."""
+        a = tf.linalg.LinearOperatorFullMatrix(tf.convert_to_tensor(a_factor))
+        g = tf.linalg.LinearOperatorFullMatrix(tf.convert_to_tensor(g_factor))
+        return tf.linalg.LinearOperatorKronecker([a, g]).to_dense()
+
+    def describe(self) -> str:
+        sharing = "" if self.weight_sharing == "expand" else f" ({self.weight_sharing})"
+        return (f"A {self.input_size}x{self.input_size}, "
+                f"G {self.output_size}x{self.output_size}{sharing}")

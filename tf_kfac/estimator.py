@@ -1,0 +1,202 @@
+"""The curvature estimator: owns the blocks, schedules them, syncs replicas.
+
+The optimizer and the update rules never see a factor: they hand the
+estimator the captured calls and gradients, and get back statistics to
+commit, refreshed values and update directions. Everything here works on
+lists aligned with `CurvatureEstimator.curvature_blocks` (one inner list per
+block, one tensor per block variable), so no block is looked up by identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from tf_kfac import distribute
+from tf_kfac.blocks import CurvatureBlock
+from tf_kfac.capture import LayerCall, Recording
+from tf_kfac.linalg import all_finite
+
+Nested = list[list[tf.Tensor]]
+
+
+class CurvatureEstimator:
+    """The blocks of one model and what K-FAC does with them each step.
+
+    Args:
+        blocks: every trainable variable's block, in the order of `var_list`.
+        var_list: the optimizer's trainable variables.
+    """
+
+    def __init__(self, blocks: Sequence[CurvatureBlock], var_list: Sequence[keras.Variable]):
+        self.blocks = list(blocks)
+        self.curvature_blocks = [b for b in self.blocks if b.layer is not None]
+        index = {id(v): i for i, v in enumerate(var_list)}
+        self._positions = [[index[id(v)] for v in b.variables] for b in self.blocks]
+        self._size = len(var_list)
+        self.inversions: tf.Variable | None = None
+
+    def build(self, optimizer: keras.optimizers.Optimizer) -> None:
+        """Creates every block's state, in block order (saved files rely on it)."""
+        for block in self.blocks:
+            block.build(optimizer)
+        # How many blocks this replica refreshed (diagnostics, not saved).
+        self.inversions = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="kfac_inversions",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM)
+
+    @property
+    def layers(self) -> list[keras.layers.Layer]:
+        return [b.layer for b in self.curvature_blocks]
+
+    def block_for(self, layer: keras.layers.Layer) -> CurvatureBlock | None:
+        return next((b for b in self.curvature_blocks if b.layer is layer), None)
+
+    # --------------------------------------------------------- statistics
+    def calls(self, recording: Recording) -> list[list[LayerCall]]:
+        """Each curvature block's recorded calls; raises for a layer never called."""
+        calls = [recording.of(b.layer) for b in self.curvature_blocks]
+        missing = [b.name for b, c in zip(self.curvature_blocks, calls, strict=True) if not c]
+        if missing:
+            raise ValueError(
+                f"K-FAC registered the layers {missing}, but the training forward pass did "
+                "not call them, so their curvature cannot be measured. Remove the unused "
+                "layers from the model, or freeze them (layer.trainable = False) before "
+                "compiling."
+            )
+        return calls
+
+    def batch_statistics(self, calls, gradient_sets, batch_size, g_scale,
+                         example_weights) -> Nested:
+        """This batch's statistics of every curvature block.
+
+        `gradient_sets` holds, for each of the Fisher estimator's backward
+        passes, one list per block of the per-call pre-activation gradients.
+        """
+        return [block.batch_statistics(block_calls, [grads[i] for grads in gradient_sets],
+                                       batch_size, g_scale, example_weights)
+                for i, (block, block_calls) in enumerate(
+                    zip(self.curvature_blocks, calls, strict=True))]
+
+    def zero_statistics(self) -> Nested:
+        return [[tf.zeros(v.shape, tf.float32) for v in b.statistics]
+                for b in self.curvature_blocks]
+
+    def _stored(self, attribute: str) -> Nested:
+        return [[tf.convert_to_tensor(v) for v in getattr(b, attribute)]
+                for b in self.curvature_blocks]
+
+    def moving_averages(self, batch: Nested, decay: tf.Tensor, when: tf.Tensor) -> Nested:
+        """The statistics' moving averages with `batch` when `when`, else the stored ones."""
+        if not self.curvature_blocks:
+            return []
+
+        def updated():
+            return [b.moving_average(old, new, decay) for b, old, new in
+                    zip(self.curvature_blocks, self._stored("statistics"), batch, strict=True)]
+
+        return tf.cond(when, updated, lambda: self._stored("statistics"))
+
+    def statistics_writes(self, values: Nested, flag: tf.Tensor) -> None:
+        """Writes the (replica-local) moving averages when `flag` holds."""
+        distribute.write_local([
+            (v, value, flag) for b, block_values in zip(self.curvature_blocks, values, strict=True)
+            for v, value in zip(b.statistics, block_values, strict=True)])
+
+    # ------------------------------------------------------------ refresh
+    def refresh(self, statistics: Nested, gamma: tf.Tensor,
+                when: tf.Tensor | bool) -> tuple[Nested, tf.Tensor]:
+        """Refreshed values at γ when `when`, else the stored ones.
+
+        Returns them and how many blocks' fresh values were not finite (each
+        of those keeps its stored values). With several replicas the
+        statistics (each replica's moving averages) are averaged first, each
+        block is refreshed on the one replica that owns it (balanced by
+        `refresh_cost`), and the results are shared. A Python `when` (the γ
+        candidates of the adaptive mode, one replica only) refreshes or not
+        without a conditional.
+        """
+        blocks = self.curvature_blocks
+        if not blocks:
+            return [], tf.constant(0.0)
+        replicas = distribute.num_replicas()
+        owners = distribute.inverse_owners([b.refresh_cost for b in blocks], replicas)
+        me = distribute.replica_id()
+        stored = self._stored("refreshed")
+
+        def old():
+            return [*tf.nest.flatten(stored), tf.constant(0.0)]
+
+        def owned(averaged):  # this replica's blocks' values; zeros for the others'
+            out, failed = [], []
+            for block, values, previous, owner in zip(blocks, averaged, stored, owners,
+                                                      strict=True):
+                if owner != me:
+                    out.append([tf.zeros_like(p) for p in previous])
+                    continue
+                fresh = block.refresh(values, gamma)
+                keep = all_finite(fresh)
+                failed.append(1.0 - tf.cast(keep, tf.float32))
+                self.inversions.assign_add(1)
+                out.append([tf.where(keep, f, p) for f, p in zip(fresh, previous, strict=True)])
+            return [*tf.nest.flatten(out), tf.add_n(failed) if failed else tf.constant(0.0)]
+
+        if isinstance(when, bool):
+            result = owned(statistics) if when else old()
+        else:
+            averaged = statistics
+            if replicas > 1:
+                flat = distribute.all_reduce_when(
+                    when, "mean", lambda: tf.nest.flatten(statistics),
+                    lambda: tf.nest.flatten(statistics))
+                averaged = tf.nest.pack_sequence_as(statistics, flat)
+            result = distribute.all_reduce_when(when, "sum", lambda: owned(averaged), old)
+        return tf.nest.pack_sequence_as(stored, list(result[:-1])), result[-1]
+
+    def refreshed_writes(self, values: Nested, flag: tf.Tensor) -> list[tuple]:
+        """`(variable, value, flag)` writes of the refreshed values (mirrored state)."""
+        return [(v, value, flag)
+                for b, block_values in zip(self.curvature_blocks, values, strict=True)
+                for v, value in zip(b.refreshed, block_values, strict=True)]
+
+    # ------------------------------------------------------- precondition
+    def directions(self, grads: Sequence[tf.Tensor | None], refreshed: Nested,
+                   loss_scale: tf.Tensor) -> list[tf.Tensor | None]:
+        """V: every block's preconditioned gradient, one per trainable variable."""
+        values = iter(refreshed)
+        directions: list[tf.Tensor | None] = [None] * self._size
+        for block, positions in zip(self.blocks, self._positions, strict=True):
+            block_refreshed = next(values) if block.layer is not None else []
+            block_grads = [grads[i] for i in positions]
+            if any(g is None for g in block_grads):
+                continue
+            for i, u in zip(positions, block.precondition(block_grads, block_refreshed,
+                                                          loss_scale), strict=True):
+                directions[i] = u
+        return directions
+
+    # ------------------------------------------------------------ summary
+    def summary(self, fisher: str) -> str:
+        rows = [("Layer / variable", "Block", "Params", "Curvature")]
+        total = curved = 0
+        for block in self.blocks:
+            params = sum(math.prod(v.shape) for v in block.variables)
+            total += params
+            curved += params if block.layer is not None else 0
+            rows.append((block.name, block.kind, f"{params:,}", block.describe()))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        line = "  ".join("-" * w for w in widths)
+        text = [f"KFAC curvature blocks (fisher={fisher!r})", line]
+        for i, row in enumerate(rows):
+            text.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+            if i == 0:
+                text.append(line)
+        text.append(line)
+        share = curved / total if total else 0.0
+        text.append(f"Curvature blocks cover {curved:,} of {total:,} trainable parameters "
+                    f"({share:.1%}).")
+        return "\n".join(text)

@@ -1,0 +1,34 @@
+"""`Model.train_step` for models compiled with K-FAC (installed by `import tf_kfac`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tf_kfac import _keras_internals as internals
+from tf_kfac import distribute
+
+
+def fit_train_step(optimizer: Any, model: keras.Model, data: Any) -> dict[str, Any]:
+    """K-FAC's step with the loss, loss tracker and metrics exactly as Keras computes them."""
+    optimizer.attach(model)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    training_arg = internals.call_has_training_arg(model)
+
+    def forward(inputs):
+        return model(inputs, training=True) if training_arg else model(inputs)
+
+    def objective(y_pred):
+        return internals.compute_loss(model, x, y, y_pred, sample_weight)
+
+    y_pred, loss, kfac_logs = optimizer._run_step(model, x, sample_weight, forward, objective)
+    first_input = next(t for t in tf.nest.flatten(x) if t is not None)
+    # Keras scales each replica's loss by 1/replicas; its tracker takes the
+    # replica's own mean, as in Keras's train_step.
+    replica_loss = loss * tf.cast(distribute.num_replicas(), loss.dtype)
+    internals.update_loss_tracker(model, replica_loss, tf.shape(first_input)[0])
+    logs = dict(model.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+    logs.update(kfac_logs)
+    return logs
