@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -27,12 +27,27 @@ _WRAPPED_MARK = "_tf_kfac_original_call"
 
 @dataclasses.dataclass
 class LayerCall:
-    """One call of a registered layer inside a recording."""
+    """One call of a registered layer inside a recording.
+
+    Attributes:
+        inputs: the layer's input.
+        preactivation: s, the output before the layer's activation.
+        output: the layer's output.
+        activation_name: the activation's name, if any.
+        intermediates: tensors inside the layer whose gradients its block
+            needs besides s (a separable convolution's depthwise output).
+    """
 
     inputs: tf.Tensor
     preactivation: tf.Tensor
     output: tf.Tensor
     activation_name: str | None = None
+    intermediates: tuple[tf.Tensor, ...] = ()
+
+    @property
+    def targets(self) -> tuple[tf.Tensor, ...]:
+        """The tensors whose gradients the block needs: the intermediates, then s."""
+        return (*self.intermediates, self.preactivation)
 
 
 class Recording:
@@ -83,8 +98,19 @@ def is_wrapped(layer: keras.layers.Layer) -> bool:
     return _WRAPPED_MARK in vars(layer)
 
 
-def wrap_layer(layer: keras.layers.Layer) -> None:
-    """Makes `layer` record its input and pre-activation inside a recording."""
+# How a layer kind computes its pre-activation with its intermediates inside a
+# recording: (layer, inputs) -> (s, intermediates); the default runs the layer's
+# own `call` with its activation switched off.
+Preactivation = Callable[[keras.layers.Layer, tf.Tensor], tuple[tf.Tensor, tuple]]
+
+
+def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) -> None:
+    """Makes `layer` record its input and pre-activation inside a recording.
+
+    `compute` computes the pre-activation and the intermediates when the block
+    kind needs tensors from inside the layer; by default the layer's own
+    `call` runs with its activation switched off.
+    """
     if is_wrapped(layer):
         return
     original_call = layer.call
@@ -93,6 +119,13 @@ def wrap_layer(layer: keras.layers.Layer) -> None:
         current = active_recording()
         if current is None or not current.records(layer) or internals.in_symbolic_build():
             return original_call(inputs, *args, **kwargs)
+        if compute is not None:
+            s, intermediates = compute(layer, inputs)
+            activation = getattr(layer, "activation", None)
+            output = activation(s) if activation is not None else s
+            name = getattr(activation, "__name__", None)
+            current.add(layer, LayerCall(inputs, s, output, name, tuple(intermediates)))
+            return output
         activation = getattr(layer, "activation", None)
         if activation is None:  # no activation to separate: the output is s
             preactivation = original_call(inputs, *args, **kwargs)

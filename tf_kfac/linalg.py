@@ -27,15 +27,20 @@ def pi_adjustment(a_factor: tf.Tensor, g_factor: tf.Tensor) -> tf.Tensor:
 
 
 def symmetrised(matrix: tf.Tensor) -> tf.Tensor:
+    if matrix.shape[-1] == 1:
+        # 1×1 matrices are symmetric. (Under TF 2.21's graph optimisations the
+        # transpose of a batch of 1×1 matrices in a refresh made the step's
+        # function return empty outputs.)
+        return matrix
     return 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
 
 
 def damped_inverse(factor: tf.Tensor, damping: tf.Tensor) -> tf.Tensor:
     """(F + damping·I)⁻¹ of a symmetric factor (or of each in a batch), in float32."""
     factor = tf.cast(factor, tf.float32)
-    damping = tf.convert_to_tensor(damping, tf.float32)
-    damping = tf.reshape(damping, tf.concat([tf.shape(damping), [1, 1]], 0))
-    eye = tf.eye(tf.shape(factor)[-1], dtype=tf.float32)
+    # One damping per factor of a batch.
+    damping = tf.convert_to_tensor(damping, tf.float32)[..., tf.newaxis, tf.newaxis]
+    eye = tf.eye(factor.shape[-1] or tf.shape(factor)[-1], dtype=tf.float32)
     return symmetrised(tf.linalg.inv(symmetrised(factor) + damping * eye))
 
 

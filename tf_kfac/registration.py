@@ -50,7 +50,7 @@ class Registration:
         self.loss_fn = _as_loss_object(loss)
         self.loss_given = loss
         for layer in candidates:
-            capture.wrap_layer(layer)
+            capture.wrap_layer(layer, getattr(block_type_for(layer), "preactivation", None))
         self.candidates = candidates
         self.model = weakref.ref(model)
         self.registered = True

@@ -106,7 +106,7 @@ def gradients_and_statistics(
     """
     tape = step.tape
     calls = estimator.calls(step.recording)
-    preacts = [[call.preactivation for call in block_calls] for block_calls in calls]
+    preacts = [[call.targets for call in block_calls] for block_calls in calls]
     flat_preacts = tf.nest.flatten(preacts)
     if fisher == "empirical":
         all_grads = tape.gradient(step.loss, list(var_list) + flat_preacts)

@@ -17,6 +17,7 @@ from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
 from tf_kfac.blocks.einsum_dense import EinsumDenseBlock
 from tf_kfac.blocks.kronecker import WEIGHT_SHARING, KroneckerBlock
+from tf_kfac.blocks.separable import SeparableConvBlock
 
 # Checked in order: the first layer class that matches gives the block.
 _BLOCK_TYPES: list[tuple[type, type[CurvatureBlock]]] = [
@@ -25,6 +26,8 @@ _BLOCK_TYPES: list[tuple[type, type[CurvatureBlock]]] = [
     (keras.layers.Conv3D, ConvBlock),
     (keras.layers.DepthwiseConv1D, DepthwiseConvBlock),
     (keras.layers.DepthwiseConv2D, DepthwiseConvBlock),
+    (keras.layers.SeparableConv1D, SeparableConvBlock),
+    (keras.layers.SeparableConv2D, SeparableConvBlock),
     (keras.layers.EinsumDense, EinsumDenseBlock),
     (keras.layers.Dense, DenseBlock),
 ]
@@ -38,6 +41,7 @@ __all__ = [
     "EinsumDenseBlock",
     "FirstOrderBlock",
     "KroneckerBlock",
+    "SeparableConvBlock",
     "block_type_for",
     "blocks_for_model",
     "register_block",

@@ -40,6 +40,11 @@ class CurvatureBlock(abc.ABC):
         """The layer whose calls this block needs recorded (None: needs none)."""
         return None
 
+    # How the layer's pre-activation and intermediates are computed while it is
+    # recorded (`capture.Preactivation`); None runs its own `call` without
+    # the activation.
+    preactivation = None
+
     def build(self, optimizer: keras.optimizers.Optimizer) -> None:  # noqa: B027
         """Creates the block's optimizer variables (none by default)."""
 
@@ -72,8 +77,9 @@ class CurvatureBlock(abc.ABC):
 
         Args:
             calls: the recorded calls of `layer` in this forward pass.
-            output_gradients: for each of the estimator's gradient sets, the
-                per-example gradients at each call's pre-activation.
+            output_gradients: for each of the estimator's gradient sets, for
+                each call, the per-example gradients at its `targets` (the
+                intermediates, then the pre-activation s last).
             batch_size: B, this replica's batch.
             g_scale: what turns the gradient rows into c-scaled per-example
                 gradients (the loss's scale c for the sampled and exact

@@ -78,7 +78,7 @@ class DepthwiseConvBlock(KroneckerBlock):
         a = tf.math.divide_no_nan(tf.einsum("btci,btcj->cij", rows, rows), total)
         g = 0.0
         for grads in output_gradients:
-            out = [self.output_rows(gr) for gr in grads]
+            out = [self.output_rows(gr[-1]) for gr in grads]  # the gradients at s
             out = tf.concat(out, axis=1) if len(out) > 1 else out[0]
             positions = tf.cast(tf.shape(out)[1], tf.float32)
             g += tf.einsum("btci,btcj->cij", out, out) * (g_scale / (batch * positions))

@@ -123,7 +123,7 @@ class KroneckerBlock(CurvatureBlock):
         return rows
 
     def _output_rows(self, grads) -> tf.Tensor:
-        rows = [self.output_rows(g) for g in grads]
+        rows = [self.output_rows(g[-1]) for g in grads]  # the gradients at s
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
         if self.weight_sharing == "reduce":
             rows = tf.reduce_sum(rows, axis=1, keepdims=True)
