@@ -38,6 +38,9 @@ import tensorflow as tf  # noqa: E402
 
 import tf_kfac  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import suite_problems  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -77,10 +80,16 @@ def convnet() -> keras.Model:
     )
 
 
+def transformer() -> keras.Model:
+    """The untuned suite's transformer: 2 post-norm encoder blocks, d = 64, 4 heads."""
+    return suite_problems.transformer_model(n_classes=24)
+
+
 WORKLOADS = {
     "mlp_784-1000-500-250-30_b256": (mlp, 256, "mse"),
     "mlp_784-1000-500-250-30_b1000": (mlp, 1000, "mse"),
     "quickstart_convnet_b64": (convnet, 64, "sparse_ce"),
+    "suite_transformer_b64": (transformer, 64, "sparse_ce"),
 }
 
 
@@ -88,7 +97,10 @@ def data(builder, batch_size: int, steps: int, loss: str):
     rng = np.random.default_rng(0)
     model = builder()
     n = batch_size * steps
-    x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
+    if "int" in str(model.inputs[0].dtype):  # token ids
+        x = rng.integers(0, suite_problems.VOCAB, size=(n, *model.input_shape[1:]))
+    else:
+        x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
     if loss == "mse":
         y = rng.normal(size=(n, model.output_shape[-1])).astype("float32")
     else:
@@ -115,13 +127,13 @@ def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
 NEVER = 10**9  # an interval no benchmark reaches
 
 
-def breakdown(steps: int, repeats: int) -> dict[str, float]:
-    """Where K-FAC's time goes on the MLP at batch 1000, by switching parts off.
+def breakdown(steps: int, repeats: int, workload: str) -> dict[str, float]:
+    """Where K-FAC's time goes on a workload, by switching parts off.
 
     Each variant skips one part of the default step; differences of medians
     attribute the time (the parts are not perfectly additive).
     """
-    builder, batch, loss = WORKLOADS["mlp_784-1000-500-250-30_b1000"]
+    builder, batch, loss = WORKLOADS[workload]
     variants = {
         "adam": lambda: keras.optimizers.Adam(),
         "kfac (defaults)": lambda: tf_kfac.KFAC(),
@@ -150,7 +162,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="45 steps, one repeat")
     parser.add_argument("--only", default=None, help="substring of the workloads to run")
     parser.add_argument("--breakdown", action="store_true",
-                        help="also attribute K-FAC's time on the batch-1000 MLP to its parts")
+                        help="also attribute K-FAC's time to its parts, on the batch-1000 MLP "
+                             "or the one workload --only names")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="where to run (auto: the GPU when there is one)")
     parser.add_argument("--jit", action="store_true", help="compile(jit_compile=True): XLA")
@@ -199,8 +212,10 @@ def run(args, device: str) -> None:
         )
     parts = None
     if args.breakdown:
-        print("where the time goes (MLP, batch 1000):", flush=True)
-        parts = breakdown(steps, repeats)
+        chosen = [name for name in results if args.only] or ["mlp_784-1000-500-250-30_b1000"]
+        # The breakdown's own variants include Adam, side by side.
+        print(f"where the time goes ({chosen[0]}):", flush=True)
+        parts = breakdown(steps, repeats, chosen[0])
     record = {
         "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:]),
         "breakdown_ms_per_step": parts,
@@ -214,12 +229,12 @@ def run(args, device: str) -> None:
         "repeats": repeats,
         "ms_per_step": results,
     }
-    if not args.only:
-        RESULTS.mkdir(exist_ok=True)
-        suffix = ("_gpu" if "GPU" in device else "") + ("_xla" if args.jit else "")
-        out = RESULTS / f"step_time{suffix}.json"
-        out.write_text(json.dumps(record, indent=2, default=str))
-        print(f"wrote {out}")
+    RESULTS.mkdir(exist_ok=True)
+    suffix = ("_gpu" if "GPU" in device else "") + ("_xla" if args.jit else "")
+    suffix += f"_{args.only}" if args.only else ""
+    out = RESULTS / f"step_time{suffix}.json"
+    out.write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

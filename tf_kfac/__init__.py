@@ -21,7 +21,7 @@ from tf_kfac.fit import fit_train_step  # noqa: E402
 from tf_kfac.losses import SUPPORTED_LOSSES  # noqa: E402
 from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__", "register_block"]
 
 
