@@ -101,9 +101,9 @@ def test_invalid_hyperparameter_is_rejected(kwargs, match):
 
 # ------------------------------------------------------------------ model
 def test_model_without_dense_or_conv2d():
-    """A model with only an Embedding and a custom layer (no Dense/Conv2D) is
-    refused, by `fit` and by `attach`, with a message naming Dense/Conv2D and
-    suggesting a first-order optimizer."""
+    """A model with only layers that have no curvature block (a custom layer, pooling)
+    is refused, by `fit` and by `attach`, with a message saying so and suggesting a
+    first-order optimizer."""
 
     class Scale(keras.layers.Layer):
         def build(self, input_shape):
@@ -112,10 +112,9 @@ def test_model_without_dense_or_conv2d():
         def call(self, x):
             return keras.ops.mean(x * self.scale, axis=1)
 
-    model = keras.Sequential([keras.Input((3,), dtype="int32"),
-                              keras.layers.Embedding(10, 2), Scale()])
+    model = keras.Sequential([keras.Input((3, 2)), keras.layers.Dropout(0.1), Scale()])
     model.compile(optimizer=tf_kfac.KFAC(), loss="mse")
-    x = np.arange(24).reshape(8, 3).astype("int32") % 10
+    x = (np.arange(48).reshape(8, 3, 2) % 10).astype("float32")
     y = np.zeros((8, 2), "float32")
     match = r"no layer with a curvature block(.|\n)*first-order optimizer"
     with pytest.raises(ValueError, match=match):
@@ -221,7 +220,7 @@ def test_inspection_before_and_outside_registration():
     explain themselves."""
     opt = tf_kfac.KFAC()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
-                              keras.layers.LayerNormalization()])
+                              keras.layers.PReLU()])
     with pytest.raises(ValueError, match="fit or attach"):
         opt.summary()
     with pytest.raises(ValueError, match="train for one step"):

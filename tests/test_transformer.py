@@ -3,11 +3,12 @@
 A small functional transformer classifier (token embedding, one self-attention block
 with residuals and layer normalisation, a ReLU feed-forward block, pooling, a softmax
 head) with Keras's default initialisers gets a Kronecker block for every projection
-of its MultiHeadAttention layer and every Dense layer; only the embedding and the
-layer normalisations train first-order. It learns a fixed token-counting task, saves
-and resumes mid-run exactly, and exports. A Conv1D sequence model and a MobileNet-like
-convnet (depthwise convolutions, batch normalisation, 1×1 convolutions) get
-curvature for every convolution and Dense layer and learn their toy tasks.
+of its MultiHeadAttention layer and every Dense layer, a diagonal-A block for its
+embedding and per-unit (γ, β) blocks for its layer normalisations. It learns a fixed
+token-counting task, saves and resumes mid-run exactly, and exports. A Conv1D
+sequence model and a MobileNet-like convnet (depthwise convolutions, batch
+normalisation, 1×1 convolutions) get curvature for every layer and learn their toy
+tasks.
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ def one_step():
 def test_transformer_summary_gives_every_projection_a_kronecker_block(one_step):
     """After a step, `summary()` lists the query, key, value and output EinsumDense
     projections of MultiHeadAttention as "einsum_dense" blocks and the three Dense
-    layers as "dense" blocks (each with its parameter count and A, G sizes); only the
-    embedding and the LayerNormalization variables are first-order; and the coverage
-    line counts the parameters of exactly those Kronecker layers, computed here from
-    their weights and, independently, from the architecture's sizes."""
+    layers as "dense" blocks (each with its parameter count and A, G sizes), the
+    embedding as an "embedding" block and each LayerNormalization as a "scale_shift"
+    block; the Kronecker layers' parameters are computed here from their weights and,
+    independently, from the architecture's sizes, and the coverage line counts every
+    parameter."""
     model = one_step
     rows, coverage = _summary(model.optimizer)
 
@@ -148,11 +150,12 @@ def test_transformer_summary_gives_every_projection_a_kronecker_block(one_step):
             assert layer.bias is not None
             assert _size(layer.trainable_weights) == (d_in + 1) * d_out, layer.name
             expected[layer.path] = (kind, (d_in + 1) * d_out, _kron_text(d_in, d_out))
-    first_order = [*model.get_layer("embedding").trainable_weights,
-                   *model.get_layer("norm_1").trainable_weights,
-                   *model.get_layer("norm_2").trainable_weights]
-    for variable in first_order:
-        expected[variable.path] = ("first-order", math.prod(variable.shape), None)
+    embedding = model.get_layer("embedding")
+    expected[embedding.path] = ("embedding", VOCAB * D_MODEL,
+                                f"A diagonal {VOCAB}, G {D_MODEL}x{D_MODEL}")
+    for name in ("norm_1", "norm_2"):
+        expected[model.get_layer(name).path] = (
+            "scale_shift", 2 * D_MODEL, f"{D_MODEL} x 2x2 Fisher of (γ, β)")
     _assert_rows(rows, expected)
 
     curved = sum(_size(layer.trainable_weights) for layer in [*projections, *dense])
@@ -161,7 +164,7 @@ def test_transformer_summary_gives_every_projection_a_kronecker_block(one_step):
                        + (D_FF + 1) * D_MODEL + (D_MODEL + 1) * CLASSES)
     assert curved == by_architecture == 2211
     assert total == curved + VOCAB * D_MODEL + 4 * D_MODEL
-    assert coverage == _coverage_line(curved, total)
+    assert coverage == _coverage_line(total, total)
 
 
 def test_transformer_factors_have_the_summary_sizes(one_step):
@@ -320,7 +323,7 @@ def test_convnet_summary_has_curvature_for_every_conv_and_dense_layer(name):
     """`summary()` of the Conv1D sequence model and of the MobileNet-like model shows
     a Kronecker block (kind, parameter count, factor sizes) for every Conv1D, Conv2D,
     DepthwiseConv2D and Dense layer (one A, G pair per channel for the depthwise
-    convolution); the BatchNormalization variables are the only first-order rows."""
+    convolution), and a "scale_shift" block for every BatchNormalization."""
     make_model, make_data, expected_blocks = CONVNETS[name]
     model = _compile(make_model())
     x, y = make_data()
@@ -334,13 +337,15 @@ def test_convnet_summary_has_curvature_for_every_conv_and_dense_layer(name):
     for layer in curvature_layers:
         kind, curvature = expected_blocks[layer.name]
         expected[layer.path] = (kind, _size(layer.trainable_weights), curvature)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            for variable in layer.trainable_weights:
-                expected[variable.path] = ("first-order", math.prod(variable.shape), None)
+    norms = [layer for layer in model.layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        units = layer.gamma.shape[0]
+        expected[layer.path] = ("scale_shift", 2 * units, f"{units} x 2x2 Fisher of (γ, β)")
     _assert_rows(rows, expected)
-    curved = sum(_size(layer.trainable_weights) for layer in curvature_layers)
-    assert coverage == _coverage_line(curved, _size(model.trainable_weights))
+    total = _size(model.trainable_weights)
+    assert sum(_size(layer.trainable_weights) for layer in curvature_layers + norms) == total
+    assert coverage == _coverage_line(total, total)
 
 
 @pytest.mark.parametrize("name", list(CONVNETS))

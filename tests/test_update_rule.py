@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import tf_kfac
-from tf_kfac.blocks import FirstOrderBlock, KroneckerBlock
+from tf_kfac.blocks import EmbeddingBlock, FirstOrderBlock, KroneckerBlock, ScaleShiftBlock
 from tf_kfac.linalg import pi_adjustment
 
 BATCH, CLASSES = 6, 3
@@ -29,7 +29,7 @@ TOL = 2e-4  # relative error of a float32 update against the float64 solve
 
 
 def mlp():
-    """Dense layers around a BatchNormalization (whose gamma/beta train first-order)."""
+    """Dense layers around a BatchNormalization (per-unit (γ, β) blocks)."""
     return keras.Sequential([
         keras.Input((4,)), keras.layers.Dense(5), keras.layers.BatchNormalization(),
         keras.layers.Activation("tanh"), keras.layers.Dense(CLASSES, activation="softmax")])
@@ -48,7 +48,15 @@ def embedding_net():
         keras.layers.Flatten(), keras.layers.Dense(CLASSES, activation="softmax")])
 
 
-MODELS = {"mlp": (mlp, (4,)), "convnet": (convnet, (6, 6, 2)), "embedding": (embedding_net, None)}
+def prelu_net():
+    """A PReLU's slopes have no curvature block: they take the first-order fallback."""
+    return keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(5), keras.layers.PReLU(),
+        keras.layers.Dense(CLASSES, activation="softmax")])
+
+
+MODELS = {"mlp": (mlp, (4,)), "convnet": (convnet, (6, 6, 2)), "embedding": (embedding_net, None),
+          "prelu": (prelu_net, (4,))}
 
 LOSS_FORMS = {
     "string": lambda: "sparse_categorical_crossentropy",
@@ -133,6 +141,22 @@ def expected_directions(opt, model, before, grads, l2_reg, use_pi=True, loss_sca
             g_damped = g + gamma / pi * np.eye(len(g))
             v = np.linalg.solve(np.kron(a_damped, g_damped), grad.ravel()).reshape(grad.shape)
             out.append((ids, v, grad))
+        elif isinstance(block, ScaleShiftBlock):
+            # Per unit: (F_i + (λc + η)·I)⁻¹ (∇γᵢ, ∇βᵢ), no π (F_i is not a product).
+            grad = np.stack([grads[i] + l2_reg * before[i] for i in ids], axis=-1)
+            (f,) = (np.asarray(t, np.float64) for t in opt.kronecker_factors(block.layer))
+            damped = f + gamma**2 * np.eye(f.shape[-1])
+            v = np.stack([np.linalg.solve(damped[u], grad[u]) for u in range(len(grad))])
+            for k, i in enumerate(ids):
+                out.append(([i], v[:, k], grad[:, k]))
+        elif isinstance(block, EmbeddingBlock):
+            (i,) = ids
+            grad = grads[i] + l2_reg * before[i]
+            a, g = (np.asarray(f, np.float64) for f in opt.kronecker_factors(block.layer))
+            pi = np.sqrt(np.mean(a) / (np.trace(g) / len(g))) if use_pi else 1.0
+            g_damped = g + gamma / pi * np.eye(len(g))
+            v = np.linalg.solve(g_damped.T, (grad / (a + pi * gamma)[:, None]).T).T
+            out.append((ids, v, grad))
         else:
             assert isinstance(block, FirstOrderBlock)
             (i,) = ids
@@ -198,14 +222,17 @@ def test_kl_clip_scales_the_whole_update(kl_clip, driver, rng, rel_err):
 @pytest.mark.parametrize(("l2_reg", "kl_clip", "driver"),
                          [(0.0, None, "step"), (0.0, 1e-4, "fit"), (0.02, None, "step")],
                          ids=["plain", "kl_clip", "l2_reg"])
-def test_embedding_takes_first_order_steps(l2_reg, kl_clip, driver, rng, rel_err):
-    """An Embedding (sparse IndexedSlices gradient) trains with the fallback: its table
-    moves by −lr·ν·(∇ + ηw), with KL-clipping and L2 as for every other variable.
-    (A regression test: KL-clipping crashed on it.)"""
-    result = run_one_step("embedding", driver, rng, l2_reg=l2_reg, kl_clip=kl_clip)
+@pytest.mark.parametrize("name", ["embedding", "prelu"])
+def test_embedding_and_fallback_steps(name, l2_reg, kl_clip, driver, rng, rel_err):
+    """An Embedding (sparse IndexedSlices gradient) moves by −lr·ν·V with V =
+    diag(A + πγ)⁻¹ (∇ + ηw) (G + γ/π·I)⁻¹, and a PReLU's slopes (no block) by the
+    fallback −lr·ν·(∇ + ηw), with KL-clipping and L2 as for every other variable.
+    (A regression test: KL-clipping crashed on the Embedding's sparse gradient.)"""
+    result = run_one_step(name, driver, rng, l2_reg=l2_reg, kl_clip=kl_clip)
     opt, model = result[:2]
-    (embedding_block,) = [b for b in opt._blocks if isinstance(b, FirstOrderBlock)]
-    assert embedding_block.variables[0] is model.layers[0].embeddings
+    kind = EmbeddingBlock if name == "embedding" else FirstOrderBlock
+    (block,) = [b for b in opt._blocks if isinstance(b, kind)]
+    assert block.variables[0] is model.layers[0 if name == "embedding" else 1].weights[0]
     check_update(*result[:5], l2_reg=l2_reg, kl_clip=kl_clip, rel_err=rel_err)
 
 
@@ -225,7 +252,7 @@ def test_damping_kl_bound_and_fallback_are_relative_to_the_loss_scale(loss_weigh
     damping λ·c, the KL-clip bound κ·c and the fallback direction ∇/c."""
     kl_clip = 0.02
     c = (loss_weight or 1.0) / CLASSES
-    result = run_one_step("mlp", "fit", rng, loss_form="mse", kl_clip=kl_clip,
+    result = run_one_step("prelu", "fit", rng, loss_form="mse", kl_clip=kl_clip,
                           loss_weight=loss_weight)
     nu = check_update(*result[:5], kl_clip=kl_clip, rel_err=rel_err, loss_scale=c)
     assert result[-1]["kl_scale"] == pytest.approx(nu, rel=1e-4)

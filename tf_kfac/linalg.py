@@ -21,9 +21,13 @@ def _mean_eigenvalue(factor: tf.Tensor) -> tf.Tensor:
 
 def pi_adjustment(a_factor: tf.Tensor, g_factor: tf.Tensor) -> tf.Tensor:
     """π = √((tr A / dim A) / (tr G / dim G)) (Martens & Grosse 2015, §6.3)."""
+    return pi_from_means(_mean_eigenvalue(a_factor), _mean_eigenvalue(g_factor))
+
+
+def pi_from_means(a_mean: tf.Tensor, g_mean: tf.Tensor) -> tf.Tensor:
+    """π from the factors' mean eigenvalues (for a diagonal A, its mean entry)."""
     # Square roots first: the ratio of two floored means could overflow float32.
-    return (tf.sqrt(tf.maximum(_mean_eigenvalue(a_factor), _TRACE_FLOOR))
-            / tf.sqrt(tf.maximum(_mean_eigenvalue(g_factor), _TRACE_FLOOR)))
+    return tf.sqrt(tf.maximum(a_mean, _TRACE_FLOOR)) / tf.sqrt(tf.maximum(g_mean, _TRACE_FLOOR))
 
 
 def symmetrised(matrix: tf.Tensor) -> tf.Tensor:

@@ -16,7 +16,9 @@ from tf_kfac.blocks.conv import ConvBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
 from tf_kfac.blocks.einsum_dense import EinsumDenseBlock
+from tf_kfac.blocks.embedding import EmbeddingBlock
 from tf_kfac.blocks.kronecker import WEIGHT_SHARING, KroneckerBlock
+from tf_kfac.blocks.normalization import ScaleShiftBlock
 from tf_kfac.blocks.separable import SeparableConvBlock
 
 # Checked in order: the first layer class that matches gives the block.
@@ -30,6 +32,9 @@ _BLOCK_TYPES: list[tuple[type, type[CurvatureBlock]]] = [
     (keras.layers.SeparableConv2D, SeparableConvBlock),
     (keras.layers.EinsumDense, EinsumDenseBlock),
     (keras.layers.Dense, DenseBlock),
+    (keras.layers.Embedding, EmbeddingBlock),
+    (keras.layers.LayerNormalization, ScaleShiftBlock),
+    (keras.layers.BatchNormalization, ScaleShiftBlock),
 ]
 
 __all__ = [
@@ -39,8 +44,10 @@ __all__ = [
     "DenseBlock",
     "DepthwiseConvBlock",
     "EinsumDenseBlock",
+    "EmbeddingBlock",
     "FirstOrderBlock",
     "KroneckerBlock",
+    "ScaleShiftBlock",
     "SeparableConvBlock",
     "block_type_for",
     "blocks_for_model",

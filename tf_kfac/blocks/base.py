@@ -16,7 +16,21 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import _keras_internals as internals
 from tf_kfac.capture import LayerCall
+
+
+def add_state(optimizer: keras.optimizers.Optimizer, block_name: str, suffix: str, shape,
+              replica_local: bool = False) -> keras.Variable:
+    """A zero-initialised float32 optimizer variable of a block.
+
+    Moving averages are replica-local: each replica keeps its own, and they are
+    averaged across replicas only when the block refreshes (tf_kfac/distribute.py).
+    """
+    name = f"{block_name.replace('/', '_')}_{suffix}"
+    if replica_local:
+        return internals.add_replica_local_variable(optimizer, shape, name)
+    return optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=name)
 
 
 class CurvatureBlock(abc.ABC):

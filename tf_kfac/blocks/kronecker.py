@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from tf_kfac import _keras_internals as internals
-from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.blocks.base import CurvatureBlock, add_state
 from tf_kfac.linalg import factored_tikhonov_inverses
 
 WEIGHT_SHARING = ("expand", "reduce")
@@ -72,19 +71,11 @@ class KroneckerBlock(CurvatureBlock):
         return self._layer
 
     def build(self, optimizer) -> None:
-        def add(shape, suffix, replica_local=False):
-            name = f"{self.name.replace('/', '_')}_{suffix}"
-            if replica_local:
-                return internals.add_replica_local_variable(optimizer, shape, name)
-            return optimizer.add_variable(shape, initializer="zeros", dtype="float32", name=name)
-
         a_shape, g_shape = self.factor_shapes()
-        # Each replica keeps its own moving averages; they are averaged across
-        # replicas only when the inverses refresh (tf_kfac/distribute.py).
-        self.a_factor = add(a_shape, "kfac_A", replica_local=True)
-        self.g_factor = add(g_shape, "kfac_G", replica_local=True)
-        self.a_inverse = add(a_shape, "kfac_A_inverse")
-        self.g_inverse = add(g_shape, "kfac_G_inverse")
+        self.a_factor = add_state(optimizer, self.name, "kfac_A", a_shape, replica_local=True)
+        self.g_factor = add_state(optimizer, self.name, "kfac_G", g_shape, replica_local=True)
+        self.a_inverse = add_state(optimizer, self.name, "kfac_A_inverse", a_shape)
+        self.g_inverse = add_state(optimizer, self.name, "kfac_G_inverse", g_shape)
 
     def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of A and G."""

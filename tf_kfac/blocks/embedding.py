@@ -1,0 +1,105 @@
+"""Kronecker-factored curvature for `keras.layers.Embedding`, with a diagonal A."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_kfac.blocks.base import CurvatureBlock, add_state
+from tf_kfac.linalg import damped_inverse, pi_from_means
+
+
+class EmbeddingBlock(CurvatureBlock):
+    """K-FAC block of an Embedding layer: a lookup is a Dense layer on one-hot inputs.
+
+    The one-hot rows make A diagonal, the token counts A_vv = Σᵢ wᵢ Σₜ [xᵢₜ = v] / Σᵢ wᵢ
+    (a vector of the vocabulary size, never a vocab × vocab matrix); G is dense over
+    the embedding dimension, G = (1/B) Σᵢ (1/T) Σₜ ggᵀ over the positions (the expand
+    flavour). The damped inverse of the diagonal A is elementwise.
+    """
+
+    kind = "embedding"
+
+    def __init__(self, layer):
+        super().__init__(layer.path, [layer.embeddings])
+        self._layer = layer
+        self.vocabulary, self.output_size = (int(d) for d in layer.embeddings.shape)
+        self.a_factor = self.g_factor = self.a_inverse = self.g_inverse = None
+
+    @classmethod
+    def obstacle(cls, layer, trainable_ids):
+        if getattr(layer, "lora_enabled", False):
+            return "LoRA-enabled layer: its LoRA factors train first-order"
+        if getattr(layer, "quantization_mode", None):
+            return f"quantized layer ({layer.quantization_mode})"
+        if id(layer.embeddings) not in trainable_ids:
+            return "embeddings are not trainable"
+        return None
+
+    @property
+    def layer(self):
+        return self._layer
+
+    def build(self, optimizer) -> None:
+        a_shape, g_shape = (self.vocabulary,), (self.output_size,) * 2
+        self.a_factor = add_state(optimizer, self.name, "kfac_A_diagonal", a_shape, True)
+        self.g_factor = add_state(optimizer, self.name, "kfac_G", g_shape, True)
+        self.a_inverse = add_state(optimizer, self.name, "kfac_A_diagonal_inverse", a_shape)
+        self.g_inverse = add_state(optimizer, self.name, "kfac_G_inverse", g_shape)
+
+    @property
+    def statistics(self):
+        return (self.a_factor, self.g_factor)
+
+    @property
+    def refreshed(self):
+        return (self.a_inverse, self.g_inverse)
+
+    @property
+    def refresh_cost(self) -> float:
+        return float(self.vocabulary) + float(self.output_size) ** 3
+
+    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        batch = tf.cast(batch_size, tf.float32)
+        counts = tf.zeros([self.vocabulary], tf.float32)
+        for call in calls:
+            ids = tf.reshape(tf.cast(call.inputs, tf.int32), [tf.shape(call.inputs)[0], -1])
+            weights = tf.ones_like(ids, tf.float32)
+            if example_weights is not None:
+                weights *= tf.cast(example_weights, tf.float32)[:, None]
+            counts += tf.math.unsorted_segment_sum(
+                tf.reshape(weights, [-1]), tf.reshape(ids, [-1]), self.vocabulary)
+        total = batch if example_weights is None else tf.reduce_sum(example_weights)
+        a = tf.math.divide_no_nan(counts, tf.cast(total, tf.float32))
+        g = 0.0
+        for grads in output_gradients:
+            rows = [tf.reshape(tf.cast(gr[-1], tf.float32), [tf.shape(gr[-1])[0], -1,
+                                                            self.output_size]) for gr in grads]
+            rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
+            positions = tf.cast(tf.shape(rows)[1], tf.float32)
+            rows = tf.reshape(rows, [-1, self.output_size])
+            g += tf.matmul(rows, rows, transpose_a=True) * (g_scale / (batch * positions))
+        return [a, g]
+
+    def refresh(self, statistics, gamma):
+        a, g = statistics
+        pi = pi_from_means(tf.reduce_mean(a), tf.linalg.trace(g) / self.output_size)
+        return [1.0 / (a + pi * gamma), damped_inverse(g, gamma / pi)]
+
+    def precondition(self, gradients, refreshed, loss_scale):
+        a_inverse, g_inverse = refreshed
+        gradient = tf.convert_to_tensor(tf.cast(gradients[0], tf.float32))
+        direction = a_inverse[:, None] * tf.matmul(gradient, g_inverse)
+        return [tf.cast(direction, self.variables[0].dtype)]
+
+    def kronecker_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """(A as the vector of its diagonal, G)."""
+        return tf.convert_to_tensor(self.a_factor), tf.convert_to_tensor(self.g_factor)
+
+    def dense_curvature(self, a_factor, g_factor):
+        """kron(diag(A), G) over row-major vec(embeddings) (tests)."""
+        return tf.linalg.LinearOperatorKronecker([
+            tf.linalg.LinearOperatorDiag(tf.convert_to_tensor(a_factor)),
+            tf.linalg.LinearOperatorFullMatrix(tf.convert_to_tensor(g_factor))]).to_dense()
+
+    def describe(self) -> str:
+        return f"A diagonal {self.vocabulary}, G {self.output_size}x{self.output_size}"
