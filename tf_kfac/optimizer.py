@@ -107,7 +107,7 @@ class KFAC(keras.optimizers.Optimizer):
             from the first step's batch.
         kl_clip: the KL-clip bound κ > 0 on the predicted KL divergence of the
             model's predictive distribution per example (κ·c in the loss's
-            units), or `None` to turn it off. Defaults to `3e-3`.
+            units), or `None` to turn it off. Defaults to `1e-3`.
             Ignored when `adaptive=True`.
         weight_sharing: how a layer applied at several positions per example
             (a Dense or EinsumDense on sequences, a convolution) shares its
@@ -162,7 +162,7 @@ class KFAC(keras.optimizers.Optimizer):
         factor_decay: float = 0.95,
         factor_update_interval: int = 5,
         inverse_update_interval: int = 20,
-        kl_clip: float | None = 3e-3,
+        kl_clip: float | None = 1e-3,
         weight_sharing: str | dict[str, str] = "expand",
         adaptive: bool = False,
         adapt_gamma: bool = False,
