@@ -103,14 +103,16 @@ THRESHOLDS = {
 }
 
 
-def make_optimizer(name: str, lr: float | None, problem: str, seed: int):
-    """The optimizer of a run: K-FAC as configured for the problem, or a baseline at `lr`."""
+def make_optimizer(name: str, lr: float | None, problem: str, seed: int,
+                   kfac_args: dict | None = None):
+    """The optimizer of a run: K-FAC as configured for the problem (plus `kfac_args`,
+    from --kfac), or a baseline at `lr`."""
     import keras
 
     import tf_kfac
 
     if name == "kfac":
-        return tf_kfac.KFAC(seed=seed, **KFAC_CONFIGS.get(problem, {}))
+        return tf_kfac.KFAC(seed=seed, **{**KFAC_CONFIGS.get(problem, {}), **(kfac_args or {})})
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     if name == "muon":
@@ -131,7 +133,8 @@ def run_one(spec: dict) -> dict:
     problem = BUILDERS[spec["problem"]](spec["seed"], spec["data_dir"])
     model = problem.model
     model.compile(optimizer=make_optimizer(spec["optimizer"], spec["lr"], spec["problem"],
-                                           spec["seed"]), **problem.compile_kwargs)
+                                           spec["seed"], spec.get("kfac_args")),
+                  **problem.compile_kwargs)
     budget, evals = spec["budget"], spec["evaluations"]
 
     from clock import TrainingClock
@@ -167,8 +170,9 @@ def final(run: dict) -> float:
 def _label(run: dict) -> str:
     if run["optimizer"] != "kfac":
         return f"{run['optimizer']} {run['lr']:g}"
-    config = KFAC_CONFIGS.get(run["problem"], {})
-    return "kfac " + (", ".join(f"{k}={v:g}" for k, v in config.items()) or "defaults")
+    config = {**KFAC_CONFIGS.get(run["problem"], {}), **(run.get("kfac_args") or {})}
+    return "kfac " + (", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in config.items()) or "defaults")
 
 
 def _seconds(value: float | None) -> str:
@@ -313,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"{QUICK_BUDGET:g} s a run and one learning rate per baseline")
     parser.add_argument("--name", default="suite",
                         help="stem of the results files in benchmarks/results/ (suite)")
+    parser.add_argument("--kfac", type=json.loads, default=None,
+                        help='K-FAC arguments besides the defaults, as JSON, for every problem '
+                             '(e.g. \'{"weight_sharing": "reduce"}\')')
     parser.add_argument("--plan", action="store_true",
                         help="only print the runs and the planned total time")
     parser.add_argument("--report", type=Path, default=None,
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
             for lr in lrs[1:2] if args.quick and name != "kfac" else lrs:
                 specs.append({"problem": problem, "optimizer": name, "lr": lr,
                               "budget": budgets[problem], "evaluations": evaluations,
-                              "seed": args.seed,
+                              "seed": args.seed, "kfac_args": args.kfac,
                               "data_dir": args.data_dir if problem in MNIST_PROBLEMS else None})
     planned = sum(STARTUP_S + s["budget"] + TRACE_S[s["problem"]]
                   + (evaluations + 1) * EVAL_S[s["problem"]] for s in specs)
