@@ -1,7 +1,7 @@
 """Which share of a model's parameters gets curvature, on the layer kinds users write.
 
-    python benchmarks/coverage.py            # coverage, and 8 epochs K-FAC vs Adam
-    python benchmarks/coverage.py --no-train # coverage only (seconds)
+    python benchmarks/layer_coverage.py            # coverage, and 8 epochs K-FAC vs Adam
+    python benchmarks/layer_coverage.py --no-train # coverage only (seconds)
 
 Four small Keras models, Keras's default initialisers: a transformer classifier
 (Embedding, 2 × (MultiHeadAttention, LayerNormalization, Dense FFN)), a Conv1D
@@ -10,7 +10,7 @@ SeparableConv2D) and an LSTM classifier. For each: the parameters that
 `KFAC().summary()` gives a curvature block, and (unless --no-train) the training
 loss after 8 epochs of `tf_kfac.KFAC()` and of `keras.optimizers.Adam(1e-3)` on a
 synthetic task, from the same initial weights. Writes
-`benchmarks/results/coverage.{json,md}`.
+`benchmarks/results/layer_coverage.{json,md}`.
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def main() -> None:
         print(f"{name}: {curved:,} of {total:,} parameters ({curved / total:.1%})",
               {k: v for k, v in entry.items() if k in ("kfac", "adam")}, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "coverage.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "layer_coverage.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Curvature coverage", "",
-             f"`python benchmarks/coverage.py` on {record['machine']}; TensorFlow "
+             f"`python benchmarks/layer_coverage.py` on {record['machine']}; TensorFlow "
              f"{tf.__version__}, Keras {keras.__version__}, tf_kfac {tf_kfac.__version__}.",
              "", "| model | parameters with curvature | K-FAC loss / acc | Adam(1e-3) loss / acc |",
              "|---|---|---|---|"]
@@ -139,7 +139,7 @@ def main() -> None:
                      f"{runs[0]} | {runs[1]} |")
     lines += ["", f"Training: {args.epochs} epochs, batch 64, same initial weights and data "
               "order; K-FAC at its defaults (`tf_kfac.KFAC()`)."]
-    (RESULTS / "coverage.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "layer_coverage.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
