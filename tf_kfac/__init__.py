@@ -18,8 +18,9 @@ _versions.check(_tf.__version__, _keras.__version__)
 from tf_kfac import _keras_internals  # noqa: E402
 from tf_kfac.blocks import register_block  # noqa: E402
 from tf_kfac.fit import fit_train_step  # noqa: E402
+from tf_kfac.hyperparameters import FISHER_ESTIMATORS  # noqa: E402
 from tf_kfac.losses import SUPPORTED_LOSSES  # noqa: E402
-from tf_kfac.optimizer import FISHER_ESTIMATORS, KFAC  # noqa: E402
+from tf_kfac.optimizer import KFAC  # noqa: E402
 
 __version__ = "0.2.0.dev0"
 __all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__", "register_block"]

@@ -1,4 +1,8 @@
-"""`Model.train_step` for models compiled with K-FAC (installed by `import tf_kfac`)."""
+"""The forward pass and objective of K-FAC's step, for `model.fit` and custom loops.
+
+`fit_train_step` is `Model.train_step` for models compiled with K-FAC (installed by
+`import tf_kfac`); `custom_loop_step` is what `KFAC.step` runs.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,7 @@ def fit_train_step(optimizer: Any, model: keras.Model, data: Any) -> dict[str, A
     """K-FAC's step with the loss, loss tracker and metrics exactly as Keras computes them."""
     optimizer.attach(model)
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    training_arg = internals.call_has_training_arg(model)
-
-    def forward(inputs):
-        return model(inputs, training=True) if training_arg else model(inputs)
+    forward = _training_forward(model)
 
     def objective(y_pred):
         return internals.compute_loss(model, x, y, y_pred, sample_weight)
@@ -32,3 +33,26 @@ def fit_train_step(optimizer: Any, model: keras.Model, data: Any) -> dict[str, A
     logs = dict(model.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
     logs.update(kfac_logs)
     return logs
+
+
+def custom_loop_step(model: keras.Model, loss_fn: Any, y: Any, sample_weight: Any):
+    """(forward, objective) of `KFAC.step`: `loss(y, model(x), sample_weight)` plus the
+    model's regularisation losses, each replica carrying 1/replicas of them as in Keras."""
+    def objective(y_pred):
+        value = loss_fn(y, y_pred, sample_weight=sample_weight)
+        if model.losses:
+            extra = tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
+            value = value + extra / tf.cast(distribute.num_replicas(), value.dtype)
+        return value
+
+    return _training_forward(model), objective
+
+
+def _training_forward(model: keras.Model):
+    """The model's forward pass in training mode (`training=True` when `call` takes it)."""
+    training_arg = internals.call_has_training_arg(model)
+
+    def forward(inputs):
+        return model(inputs, training=True) if training_arg else model(inputs)
+
+    return forward

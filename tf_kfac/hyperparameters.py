@@ -33,6 +33,16 @@ UNSUPPORTED_BASE_ARGS = {
 IGNORED_BASE_ARGS = ("ema_momentum", "ema_overwrite_frequency")
 
 
+def check_base_kwargs(kwargs: dict) -> None:
+    """Refuses Keras optimizer arguments K-FAC cannot honour; drops the EMA's settings."""
+    for arg, why in UNSUPPORTED_BASE_ARGS.items():
+        if kwargs.get(arg):
+            raise ValueError(f"KFAC does not support `{arg}`: {why}.")
+        kwargs.pop(arg, None)
+    for arg in IGNORED_BASE_ARGS:
+        kwargs.pop(arg, None)
+
+
 def is_schedule(value: Any) -> bool:
     return isinstance(value, keras.optimizers.schedules.LearningRateSchedule) or (
         callable(value) and not isinstance(value, (int, float))

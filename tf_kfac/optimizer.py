@@ -9,7 +9,6 @@ commits it in one masked write.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +20,8 @@ from tf_kfac import distribute, registration, training
 from tf_kfac import hyperparameters as hp
 from tf_kfac.blocks import blocks_for_model
 from tf_kfac.estimator import CurvatureEstimator
+from tf_kfac.fit import custom_loop_step
 from tf_kfac.step import KFACState, apply_update
-
-FISHER_ESTIMATORS = hp.FISHER_ESTIMATORS
 
 
 @keras.saving.register_keras_serializable(package="tf_kfac")
@@ -35,47 +33,36 @@ class KFAC(keras.optimizers.Optimizer):
     "A Kronecker-factored approximate Fisher matrix for convolution layers"
     (ICML 2016).
 
-    Each Dense, EinsumDense (MultiHeadAttention's projections included),
-    Conv1D/2D/3D and DepthwiseConv1D/2D layer's block of the Fisher matrix is
-    approximated by A ⊗ G, A from the layer's inputs and G from the gradients
-    at its pre-activation (per channel for depthwise convolutions), so the
-    gradient W̄ of the layer (kernel, with the bias as a last row) is
-    preconditioned as V = (A + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹ with
-    γ = √(damping·c + l2_reg). Every other trainable variable (normalisation,
-    embeddings, layers without a registered block: see
-    `tf_kfac.register_block`) trains with the first-order fallback: its update
-    direction is its gradient divided by c. The directions are scaled by the
-    KL-clip factor ν = min(1, √(kl_clip·c / (lr² Σ⟨V, ∇⟩))) and applied with
-    heavy-ball momentum: m ← momentum·m + ν·V, w ← w − lr·m.
+    Every layer of a kind with a curvature block gets one (README, "What gets
+    curvature"; `tf_kfac.register_block` adds kinds): A ⊗ G for Dense,
+    EinsumDense (so MultiHeadAttention), the convolutions and Embedding, A from
+    the layer's inputs and G from the gradients at its pre-activation, so that
+    W̄ (kernel as (d_in, d_out), bias as last row) is preconditioned as V =
+    (A + πγI)⁻¹ ∇W̄ (G + (γ/π)I)⁻¹, γ = √(damping·c + l2_reg); the exact
+    per-unit Fisher of (γ, β) for LayerNormalization and BatchNormalization.
+    Other variables train with the first-order fallback, direction ∇/c. The
+    directions are scaled by ν = min(1, √(kl_clip·c / (lr² Σ⟨V, ∇⟩))) and
+    applied with heavy-ball momentum: m ← momentum·m + ν·V, w ← w − lr·m.
 
-    c is the loss's scale: Keras's per-example loss is c·(−log p(y|z)), so
-    c = 1 for a classifier's cross-entropy, 1/d for `binary_crossentropy` and
-    `mse` averaged over d outputs, times the loss weight, times the batch
-    size and the positions with `reduction="sum"`. The Fisher, the gradient
-    and the objective all carry c; `damping` and `kl_clip` are relative to it,
-    so multiplying the loss by any constant (a mean or a sum over pixels, a
-    loss weight) leaves the training run unchanged, as with Adam. `damping`
-    is the damping of the curvature of the negative log-likelihood summed over
-    the outputs, and `kl_clip` bounds the predicted KL divergence per example
-    of the model's predictive distribution (summed over its outputs). For a
-    loss that tf_kfac does not know (`fisher="empirical"`), c = 1.
+    c is the loss's scale: Keras's per-example loss is c·(−log p(y|z)) (1 for
+    a classifier's cross-entropy, 1/d for `binary_crossentropy` and `mse` over
+    d outputs, times the loss weight, times B and the positions with
+    `reduction="sum"`; 1 for a loss tf_kfac does not know). `damping` and
+    `kl_clip` are relative to it, so multiplying the loss by a constant leaves
+    the run unchanged, as with Adam: `kl_clip` bounds the predicted KL
+    divergence per example of the model's predictive distribution.
 
-    With `adaptive=True` the step follows the paper's §6–7 instead: the update
-    δ = αΔ + μδ₀ (Δ = −V, δ₀ the previous update) takes α and μ from the
-    quadratic model of the objective with the exact mini-batch Fisher, and the
-    damping λ adapts by the Levenberg–Marquardt rule. The first-order fallback
-    variables join the quadratic model with Δ = −∇ and share its α and μ. The
-    scalars that steer the run (`damping`, `gamma`, `alpha`, `mu`, `rho`,
+    With `adaptive=True` the step follows the paper's §6–7: δ = αΔ + μδ₀ (Δ =
+    −V, δ₀ the previous update) with α, μ from the quadratic model with the
+    exact mini-batch Fisher, and λ adapted by the Levenberg–Marquardt rule.
+    The scalars that steer the run (`damping`, `gamma`, `alpha`, `mu`, `rho`,
     `model_change`, `skipped_steps`, `kl_scale`) are in `fit`'s logs.
 
-    Use it like any Keras optimizer: `model.compile(optimizer=tf_kfac.KFAC(),
-    loss=...)` then `model.fit(...)`, also inside the scope of a
-    `MirroredStrategy` or `MultiWorkerMirroredStrategy` (the step is then the
-    one a single device would take with the global batch; see
-    docs/distributed.md). The first `fit` registers every layer of a
-    kind with a curvature block; `summary()` shows which variable got which treatment. For a
-    custom training loop, call `attach(model, loss)` once and `step(x, y)` per
-    batch.
+    Use it like any Keras optimizer, `model.compile(optimizer=tf_kfac.KFAC(),
+    loss=...)` then `model.fit(...)`, also under a `MirroredStrategy` or
+    `MultiWorkerMirroredStrategy` (docs/distributed.md). `summary()` shows
+    which variable got which curvature. For a custom training loop, call
+    `attach(model, loss)` once and `step(x, y)` per batch.
 
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`.
@@ -130,10 +117,8 @@ class KFAC(keras.optimizers.Optimizer):
             adapted γ is kept and logged relative to √c.
             Defaults to `False`.
         quadratic_model_fraction: fraction of the batch the quadratic model's
-            Fisher products use. Defaults to `1.0`. The paper used a quarter, with
-            large batches and λ₀ = 150; with small batches and small λ a subset
-            lets the model miss the gradient's component outside the subset's
-            curvature and take far too long steps.
+            Fisher products use. Defaults to `1.0` (the paper's quarter lets a
+            small batch's model miss curvature and take far too long steps).
         damping_adaptation_interval: T₁, steps between λ adaptations (ρ is
             measured on those steps only). Defaults to `5`.
         gamma_adaptation_interval: T₂, steps between γ adaptations. Defaults to
@@ -148,8 +133,8 @@ class KFAC(keras.optimizers.Optimizer):
 
     Raises:
         ValueError: for a hyperparameter out of range; for a model without a
-            layer that has a curvature block, or a loss whose predictive distribution is
-            unknown with `fisher="sampled"` or `"exact"` (at the first step).
+            layer that has a curvature block, or a loss whose predictive
+            distribution is unknown with `fisher="sampled"` or `"exact"`.
     """
 
     def __init__(
@@ -179,12 +164,7 @@ class KFAC(keras.optimizers.Optimizer):
         name: str = "kfac",
         **kwargs,
     ):
-        for arg, why in hp.UNSUPPORTED_BASE_ARGS.items():
-            if kwargs.get(arg):
-                raise ValueError(f"KFAC does not support `{arg}`: {why}.")
-            kwargs.pop(arg, None)
-        for arg in hp.IGNORED_BASE_ARGS:
-            kwargs.pop(arg, None)
+        hp.check_base_kwargs(kwargs)
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay,
                          clipnorm=clipnorm, clipvalue=clipvalue,
                          global_clipnorm=global_clipnorm, name=name, **kwargs)
@@ -247,21 +227,9 @@ class KFAC(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        model = self._kfac.model()
-        if model is None:
-            model = internals.find_model_in_call_stack(self)
-        if model is None:
-            raise ValueError("KFAC could not tell which model it is built for. Call "
-                             "`optimizer.attach(model)` first (model.fit does this itself).")
-        if self._kfac.model() is None:
-            self._kfac.model = weakref.ref(model)
+        model = self._kfac.model_to_build_for(self)
         self._check_distribution()
         layers = internals.flatten_layers(model)
-        if isinstance(self.weight_sharing, dict):
-            unknown = sorted(set(self.weight_sharing) - {layer.name for layer in layers})
-            if unknown:
-                raise ValueError(f"`weight_sharing` names layers that model '{model.name}' "
-                                 f"does not have: {unknown}.")
         super().build(var_list)
         estimator = CurvatureEstimator(blocks_for_model(layers, var_list, self.weight_sharing),
                                        var_list)
@@ -301,32 +269,22 @@ class KFAC(keras.optimizers.Optimizer):
                 "Under a distribution strategy, call `optimizer.step` inside "
                 "`strategy.run(optimizer.step, args=(x, y))`, so that every replica "
                 "runs it on its share of the batch.")
-        loss_fn = self._kfac.loss_fn
-        training_arg = internals.call_has_training_arg(model)
-
-        def forward(inputs):
-            return model(inputs, training=True) if training_arg else model(inputs)
-
-        def objective(y_pred):
-            value = loss_fn(y, y_pred, sample_weight=sample_weight)
-            if model.losses:
-                # Like Keras: under a strategy each replica carries 1/replicas of them.
-                extra = tf.add_n([tf.cast(v, value.dtype) for v in model.losses])
-                value = value + extra / tf.cast(distribute.num_replicas(), value.dtype)
-            return value
-
+        forward, objective = custom_loop_step(model, self._kfac.loss_fn, y, sample_weight)
         _, loss, logs = self._run_step(model, x, sample_weight, forward, objective)
         return {"loss": loss, **logs}
 
     def kronecker_factors(self, layer: keras.layers.Layer) -> tuple[tf.Tensor, tf.Tensor]:
-        """The current (A, G) of a layer with a Kronecker block, as float32 tensors.
+        """A layer's current curvature factors, as float32 tensors, without damping.
 
-        A = (1/B) Σ āāᵀ over the layer input with the bias coordinate appended
-        last (Ω, over patches, for convolutions) and G over the pre-activation
-        gradients, moving averages over steps, so that kron(A, G) approximates
-        the GGN block of the objective over the row-major vec of W̄ (kernel as
-        (d_in, d_out), bias as last row). For a depthwise convolution they are
-        batches over the channels. No damping is included.
+        For a Kronecker block (A, G): A = (1/B) Σ āāᵀ over the layer input with
+        the bias coordinate appended last (over patches for convolutions), G over
+        the pre-activation gradients, moving averages over steps, so that
+        kron(A, G) approximates the GGN block of the objective over the
+        row-major vec of W̄ (kernel as (d_in, d_out), bias as last row). A
+        depthwise convolution's are batches over the channels, an Embedding's A
+        is the vector of its diagonal, a separable convolution gives the
+        depthwise and the pointwise pair, and a normalisation layer (F,): its
+        per-unit blocks over (γᵢ, βᵢ).
         """
         block = self._kfac.estimator.block_for(layer) if self._kfac.estimator else None
         if block is not None and hasattr(block, "kronecker_factors"):
@@ -373,9 +331,6 @@ class KFAC(keras.optimizers.Optimizer):
             seed = tf.random.experimental.stateless_fold_in(seed, distribute.replica_id())
         return seed
 
-    def _factor_update_due(self) -> tf.Tensor:
-        return self._kfac.state.factor_update_due(self.iterations, self.factor_update_interval)
-
     def _run_step(self, model, x, sample_weight, forward, objective):
         """Measures one batch and applies the update; (y_pred, loss, logs)."""
         state = self._kfac
@@ -392,7 +347,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "model again.")
         grads, statistics, loss_scale = training.gradients_and_statistics(
             measured, state.estimator, var_list, state.spec, self.fisher, sample_weight,
-            self._factor_update_due())
+            state.state.factor_update_due(self.iterations, self.factor_update_interval))
         context = None
         if self.adaptive:
             context = training.step_context(

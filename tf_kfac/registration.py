@@ -30,6 +30,19 @@ class Registration:
         self.loss_given: Any = None
         self.registered = False  # layers wrapped and loss read (attach ran)
 
+    def model_to_build_for(self, optimizer: Any) -> keras.Model:
+        """The attached model or, when Keras builds the optimizer itself (loading a
+        `.keras` file), the model found on the call stack; raises when there is none."""
+        model = self.model()
+        if model is None:
+            model = internals.find_model_in_call_stack(optimizer)
+            if model is None:
+                raise ValueError("KFAC could not tell which model it is built for. Call "
+                                 "`optimizer.attach(model)` first (model.fit does this "
+                                 "itself).")
+            self.model = weakref.ref(model)
+        return model
+
     def register(self, model: keras.Model, loss: Any, fisher: str, adaptive: bool) -> None:
         """Reads the loss and wraps the calls of every layer that has a block kind."""
         candidates = [layer for layer in internals.flatten_layers(model) if block_type_for(layer)]

@@ -95,6 +95,11 @@ def blocks_for_model(
     The order of the blocks follows `var_list` (by the first variable of each
     block), so it depends only on the model, never on the order of calls.
     """
+    if not isinstance(weight_sharing, str):
+        unknown = sorted(set(weight_sharing) - {layer.name for layer in layers})
+        if unknown:
+            raise ValueError(f"`weight_sharing` names layers that the model does not have: "
+                             f"{unknown}.")
     trainable_ids = {id(v) for v in var_list}
     owner: dict[int, CurvatureBlock] = {}
     notes: dict[int, str] = {}
