@@ -298,3 +298,57 @@ def test_custom_loop_under_strategy_run_equals_one_device(mirrored, rng, rel_err
     with pytest.raises(ValueError, match="inside `strategy.run"):
         with mirrored.scope():
             optimizer.step(x[:GLOBAL_BATCH], y[:GLOBAL_BATCH])
+
+
+def _modern_convnet():
+    """Depthwise, separable, Conv1D, MultiHeadAttention and LayerNormalization blocks."""
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.DepthwiseConv2D(3, padding="same", activation="tanh")(inputs)
+    h = keras.layers.SeparableConv2D(4, 3, activation="tanh")(h)  # (4, 4, 4)
+    h = keras.layers.Reshape((16, 4))(h)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(2, 2)(h, h))
+    h = keras.layers.Conv1D(4, 3, activation="tanh")(h)
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, outputs)
+
+
+def _token_model():
+    """Embedding and Dense on positions, pooled."""
+    tokens = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(12, 6)(tokens)
+    h = keras.layers.Dense(6, activation="tanh")(h)
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(tokens, outputs)
+
+
+@pytest.mark.parametrize("build", [_modern_convnet, _token_model])
+def test_two_replicas_equal_one_device_for_every_new_block(build, mirrored, rng, rel_err):
+    """2 replicas × B/2 give the weights and the curvature of 1 device × B (fisher="exact",
+    7 steps, refreshes every 3) for the depthwise, separable, Conv1D, EinsumDense
+    (MultiHeadAttention), LayerNormalization and Embedding blocks: their statistics are
+    replica-local moving averages, averaged at the refresh."""
+    if build is _token_model:
+        x = rng.integers(0, 12, size=(GLOBAL_BATCH * STEPS, 5)).astype("int32")
+        y = rng.integers(0, 4, size=(GLOBAL_BATCH * STEPS,))
+    else:
+        x, y = _data(rng, image=True)
+    weights = build().get_weights()
+    args = dict(fisher="exact", factor_update_interval=2, inverse_update_interval=3)
+    single, single_opt, _ = _train(build, None, weights, x, y, **args)
+    model, optimizer, _ = _train(build, mirrored, weights, x, y, **args)
+    assert int(optimizer.iterations.numpy()) == STEPS
+    for w1, w2 in zip(single.trainable_variables, model.trainable_variables, strict=True):
+        assert rel_err(w2.numpy(), w1.numpy()) < 1e-4, w1.path
+    compared = 0
+    for layer1, layer2 in zip(single.layers, model.layers, strict=True):
+        try:
+            factors1 = tf.nest.flatten(single_opt.kronecker_factors(layer1))
+        except ValueError:
+            continue
+        factors2 = tf.nest.flatten(optimizer.kronecker_factors(layer2))
+        for f1, f2 in zip(factors1, factors2, strict=True):
+            assert rel_err(f2.numpy(), f1.numpy()) < 1e-4, layer1.name
+        compared += 1
+    assert compared >= (5 if build is _modern_convnet else 3)
+    moved = [np.abs(w.numpy() - w0).max() for w, w0 in zip(single.weights, weights, strict=True)]
+    assert max(moved) > 1e-3  # it trained
