@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_kfac.blocks.base import CurvatureBlock, add_state
+from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.blocks.kronecker import FactorPair
 from tf_kfac.linalg import damped_inverse, pi_from_means
 
 
-class EmbeddingBlock(CurvatureBlock):
+class EmbeddingBlock(FactorPair, CurvatureBlock):
     """K-FAC block of an Embedding layer: a lookup is a Dense layer on one-hot inputs.
 
     The one-hot rows make A diagonal, the token counts A_vv = Σᵢ wᵢ Σₜ [xᵢₜ = v] / Σᵢ wᵢ
@@ -18,6 +19,7 @@ class EmbeddingBlock(CurvatureBlock):
     """
 
     kind = "embedding"
+    a_suffix = "kfac_A_diagonal"
 
     def __init__(self, layer):
         super().__init__(layer.path, [layer.embeddings])
@@ -39,20 +41,9 @@ class EmbeddingBlock(CurvatureBlock):
     def layer(self):
         return self._layer
 
-    def build(self, optimizer) -> None:
-        a_shape, g_shape = (self.vocabulary,), (self.output_size,) * 2
-        self.a_factor = add_state(optimizer, self.name, "kfac_A_diagonal", a_shape, True)
-        self.g_factor = add_state(optimizer, self.name, "kfac_G", g_shape, True)
-        self.a_inverse = add_state(optimizer, self.name, "kfac_A_diagonal_inverse", a_shape)
-        self.g_inverse = add_state(optimizer, self.name, "kfac_G_inverse", g_shape)
-
-    @property
-    def statistics(self):
-        return (self.a_factor, self.g_factor)
-
-    @property
-    def refreshed(self):
-        return (self.a_inverse, self.g_inverse)
+    def factor_shapes(self):
+        """A as the vector of its diagonal, G dense."""
+        return (self.vocabulary,), (self.output_size,) * 2
 
     @property
     def refresh_cost(self) -> float:
@@ -90,10 +81,6 @@ class EmbeddingBlock(CurvatureBlock):
         gradient = tf.convert_to_tensor(tf.cast(gradients[0], tf.float32))
         direction = a_inverse[:, None] * tf.matmul(gradient, g_inverse)
         return [tf.cast(direction, self.variables[0].dtype)]
-
-    def kronecker_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """(A as the vector of its diagonal, G)."""
-        return tf.convert_to_tensor(self.a_factor), tf.convert_to_tensor(self.g_factor)
 
     def dense_curvature(self, a_factor, g_factor):
         """kron(diag(A), G) over row-major vec(embeddings) (tests)."""

@@ -15,7 +15,40 @@ from tf_kfac.linalg import factored_tikhonov_inverses
 WEIGHT_SHARING = ("expand", "reduce")
 
 
-class KroneckerBlock(CurvatureBlock):
+class FactorPair:
+    """The state of a block with two factors A and G: their moving averages
+    (replica-local) and their damped inverses, created in that order.
+
+    A class using it says the factors' shapes (`factor_shapes`) and may name A's
+    variables differently (`a_suffix`).
+    """
+
+    a_suffix = "kfac_A"
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def build(self, optimizer) -> None:
+        a_shape, g_shape = self.factor_shapes()
+        self.a_factor = add_state(optimizer, self.name, self.a_suffix, a_shape, True)
+        self.g_factor = add_state(optimizer, self.name, "kfac_G", g_shape, True)
+        self.a_inverse = add_state(optimizer, self.name, f"{self.a_suffix}_inverse", a_shape)
+        self.g_inverse = add_state(optimizer, self.name, "kfac_G_inverse", g_shape)
+
+    @property
+    def statistics(self):
+        return (self.a_factor, self.g_factor)
+
+    @property
+    def refreshed(self):
+        return (self.a_inverse, self.g_inverse)
+
+    def kronecker_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """The current (A, G)."""
+        return tf.convert_to_tensor(self.a_factor), tf.convert_to_tensor(self.g_factor)
+
+
+class KroneckerBlock(FactorPair, CurvatureBlock):
     """A layer s = ā·W̄ with curvature A ⊗ G (Martens & Grosse 2015).
 
     W̄ is the kernel as a (d_in, d_out) matrix (`kernel_matrix`), with the bias
@@ -70,24 +103,9 @@ class KroneckerBlock(CurvatureBlock):
     def layer(self) -> keras.layers.Layer:
         return self._layer
 
-    def build(self, optimizer) -> None:
-        a_shape, g_shape = self.factor_shapes()
-        self.a_factor = add_state(optimizer, self.name, "kfac_A", a_shape, replica_local=True)
-        self.g_factor = add_state(optimizer, self.name, "kfac_G", g_shape, replica_local=True)
-        self.a_inverse = add_state(optimizer, self.name, "kfac_A_inverse", a_shape)
-        self.g_inverse = add_state(optimizer, self.name, "kfac_G_inverse", g_shape)
-
     def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of A and G."""
         return (self.input_size,) * 2, (self.output_size,) * 2
-
-    @property
-    def statistics(self):
-        return (self.a_factor, self.g_factor)
-
-    @property
-    def refreshed(self):
-        return (self.a_inverse, self.g_inverse)
 
     @property
     def refresh_cost(self) -> float:
@@ -184,10 +202,6 @@ class KroneckerBlock(CurvatureBlock):
         a_inverse, g_inverse = refreshed
         matrix = self.gradient_matrix(gradients)
         return self.split_matrix(tf.matmul(tf.matmul(a_inverse, matrix), g_inverse))
-
-    def kronecker_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """The current (A, G)."""
-        return tf.convert_to_tensor(self.a_factor), tf.convert_to_tensor(self.g_factor)
 
     def dense_curvature(self, a_factor, g_factor) -> tf.Tensor:
         """kron(A, G): the block as a dense matrix over row-major vec(W̄) (tests)."""
