@@ -321,13 +321,23 @@ def _token_model():
     return keras.Model(tokens, outputs)
 
 
-@pytest.mark.parametrize("build", [_modern_convnet, _token_model])
+def _recurrent_model():
+    """LSTM and GRU blocks (the data's 10 features as 5 steps of 2)."""
+    inputs = keras.Input((10,))
+    h = keras.layers.Reshape((5, 2))(inputs)
+    h = keras.layers.LSTM(4, return_sequences=True)(h)
+    return keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GRU(3)(h)))
+
+
+@pytest.mark.parametrize("build", [_modern_convnet, _token_model, _recurrent_model])
 def test_two_replicas_equal_one_device_for_every_new_block(build, mirrored, rng, rel_err):
     """2 replicas × B/2 give the weights and the curvature of 1 device × B (fisher="exact",
     7 steps, refreshes every 3) for the depthwise, separable, Conv1D, EinsumDense
-    (MultiHeadAttention), LayerNormalization and Embedding blocks: their statistics are
-    replica-local moving averages, averaged at the refresh."""
-    if build is _token_model:
+    (MultiHeadAttention), LayerNormalization, Embedding, LSTM and GRU blocks: their
+    statistics are replica-local moving averages, averaged at the refresh."""
+    if build is _recurrent_model:
+        x, y = _data(rng)
+    elif build is _token_model:
         x = rng.integers(0, 12, size=(GLOBAL_BATCH * STEPS, 5)).astype("int32")
         y = rng.integers(0, 4, size=(GLOBAL_BATCH * STEPS,))
     else:
@@ -349,6 +359,6 @@ def test_two_replicas_equal_one_device_for_every_new_block(build, mirrored, rng,
         for f1, f2 in zip(factors1, factors2, strict=True):
             assert rel_err(f2.numpy(), f1.numpy()) < 1e-4, layer1.name
         compared += 1
-    assert compared >= (5 if build is _modern_convnet else 3)
+    assert compared >= {_modern_convnet: 5, _token_model: 3, _recurrent_model: 3}[build]
     moved = [np.abs(w.numpy() - w0).max() for w, w0 in zip(single.weights, weights, strict=True)]
     assert max(moved) > 1e-3  # it trained

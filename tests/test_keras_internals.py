@@ -27,6 +27,8 @@ COVERED = {
     "unwrap_optimizer",
     "find_model_in_call_stack",
     "flatten_layers",
+    "backend_rnn",
+    "check_rnn_time_loop",
     "call_has_training_arg",
     "compiled_loss",
     "compute_loss",
@@ -370,3 +372,31 @@ def test_the_lowest_supported_and_the_installed_releases_pass_the_check():
 
     _versions.check("2.18.1", "3.10.0")
     _versions.check(tf.__version__, keras.__version__)
+
+
+def test_backend_rnn_is_keras_time_loop():
+    """`backend_rnn` runs a step over time with Keras's masking: a running sum that
+    keeps its state (and repeats its output) on masked steps, backwards too."""
+    x = tf.constant([[[1.0], [2.0], [4.0]]])
+    mask = tf.constant([[True, False, True]])
+
+    def step(inputs, states):
+        total = states[0] + inputs
+        return total, [total]
+
+    last, outputs, states = internals.backend_rnn(step, x, [tf.zeros((1, 1))], mask=mask,
+                                                  return_all_outputs=True)
+    np.testing.assert_allclose(outputs.numpy().ravel(), [1.0, 1.0, 5.0])
+    np.testing.assert_allclose(last.numpy().ravel(), [5.0])
+    _, outputs, _ = internals.backend_rnn(step, x, [tf.zeros((1, 1))], go_backwards=True,
+                                          return_all_outputs=True)
+    np.testing.assert_allclose(outputs.numpy().ravel(), [4.0, 6.0, 7.0])
+
+
+def test_check_rnn_time_loop():
+    """Keras's recurrent layers run their loop in `inner_loop(sequences, initial_state,
+    mask, training)`; a layer class without it is refused loudly."""
+    for layer in (keras.layers.SimpleRNN(2), keras.layers.LSTM(2), keras.layers.GRU(2)):
+        internals.check_rnn_time_loop(layer)
+    with pytest.raises(internals.KerasInternalsError, match="inner_loop"):
+        internals.check_rnn_time_loop(keras.layers.Dense(2))

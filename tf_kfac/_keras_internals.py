@@ -283,3 +283,25 @@ def add_replica_local_variable(optimizer: Any, shape, name: str) -> keras.Variab
         )
     track(variable)
     return variable
+
+
+def backend_rnn(step: Callable, sequences: Any, initial_state: list, **options) -> tuple:
+    """Keras's own time loop (`keras.src.backend.rnn`), the one `RNN.inner_loop` runs:
+    masks, `go_backwards`, `unroll` and `zero_output_for_mask` as in Keras."""
+    try:
+        from keras.src.backend import rnn
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.backend.rnn") from error
+    return rnn(step, sequences, initial_state, **options)
+
+
+_RNN_LOOP_PARAMETERS = ["sequences", "initial_state", "mask", "training"]
+
+
+def check_rnn_time_loop(layer: Any) -> None:
+    """Raises unless the recurrent layer runs its time loop in
+    `inner_loop(sequences, initial_state, mask, training)`, the method that
+    `RNN.call` calls and tf_kfac replaces while it records the layer."""
+    loop = getattr(type(layer), "inner_loop", None)
+    if loop is None or list(inspect.signature(loop).parameters)[1:] != _RNN_LOOP_PARAMETERS:
+        raise _changed("RNN.inner_loop(sequences, initial_state, mask, training)")

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tf_kfac import _keras_internals as internals
 
 _ACTIVE = threading.local()
-_WRAPPED_MARK = "_tf_kfac_original_call"
+_WRAPPED_MARK = "_tf_kfac_originals"  # {method name: the layer's own method}
 
 
 @dataclasses.dataclass
@@ -35,7 +35,12 @@ class LayerCall:
         output: the layer's output.
         activation_name: the activation's name, if any.
         intermediates: tensors inside the layer whose gradients its block
-            needs besides s (a separable convolution's depthwise output).
+            needs besides s (a separable convolution's depthwise output, a
+            recurrent layer's recurrent projections).
+        mask: a boolean (examples, positions) mask of the input's positions
+            (True: a real position), or None.
+        hidden: a recurrent layer's previous hidden state at each position,
+            (examples, positions, units), or None.
     """
 
     inputs: tf.Tensor
@@ -43,6 +48,8 @@ class LayerCall:
     output: tf.Tensor
     activation_name: str | None = None
     intermediates: tuple[tf.Tensor, ...] = ()
+    mask: tf.Tensor | None = None
+    hidden: tf.Tensor | None = None
 
     @property
     def targets(self) -> tuple[tf.Tensor, ...]:
@@ -98,6 +105,19 @@ def is_wrapped(layer: keras.layers.Layer) -> bool:
     return _WRAPPED_MARK in vars(layer)
 
 
+def _recording_of(layer: keras.layers.Layer) -> Recording | None:
+    """The active recording when it records `layer` (never while Keras builds)."""
+    current = active_recording()
+    if current is None or not current.records(layer) or internals.in_symbolic_build():
+        return None
+    return current
+
+
+def _replace(layer: keras.layers.Layer, name: str, method: Callable) -> None:
+    object.__setattr__(layer, _WRAPPED_MARK, {name: getattr(layer, name)})
+    object.__setattr__(layer, name, method)
+
+
 # How a layer kind computes its pre-activation with its intermediates inside a
 # recording: (layer, inputs) -> (s, intermediates); the default runs the layer's
 # own `call` with its activation switched off.
@@ -116,8 +136,8 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
     original_call = layer.call
 
     def call(inputs, *args, **kwargs):
-        current = active_recording()
-        if current is None or not current.records(layer) or internals.in_symbolic_build():
+        current = _recording_of(layer)
+        if current is None:
             return original_call(inputs, *args, **kwargs)
         if compute is not None:
             s, intermediates = compute(layer, inputs)
@@ -140,13 +160,42 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
         current.add(layer, LayerCall(inputs, preactivation, output, name))
         return output
 
-    object.__setattr__(layer, _WRAPPED_MARK, original_call)
-    object.__setattr__(layer, "call", call)
+    _replace(layer, "call", call)
+
+
+# How a recurrent layer kind runs its time loop inside a recording:
+# (layer, sequences, initial_state, mask, training) -> (the loop's result as
+# Keras's `RNN.inner_loop` returns it, the LayerCall to record).
+RecurrentLoop = Callable[..., tuple[tuple, LayerCall]]
+
+
+def wrap_inner_loop(layer: keras.layers.Layer, loop: RecurrentLoop) -> None:
+    """Makes a Keras recurrent layer run `loop` over time inside a recording.
+
+    Keras's `RNN.call` (initial and stateful states, return_sequences,
+    return_state) is kept; only its time loop, `inner_loop`, is replaced while
+    the layer is recorded. Outside a recording it is Keras's own loop (cuDNN on
+    a GPU).
+    """
+    if is_wrapped(layer):
+        return
+    original_loop = layer.inner_loop
+
+    def inner_loop(sequences, initial_state, mask, training=False):
+        current = _recording_of(layer)
+        if current is None:
+            return original_loop(sequences, initial_state, mask, training=training)
+        result, call = loop(layer, sequences, initial_state, mask, training)
+        current.add(layer, call)
+        return result
+
+    _replace(layer, "inner_loop", inner_loop)
 
 
 def unwrap_layer(layer: keras.layers.Layer) -> None:
-    """Restores the layer's own `call`."""
+    """Restores the layer's own methods."""
     if not is_wrapped(layer):
         return
-    object.__delattr__(layer, "call")
+    for name in vars(layer)[_WRAPPED_MARK]:
+        object.__delattr__(layer, name)
     object.__delattr__(layer, _WRAPPED_MARK)

@@ -12,7 +12,6 @@ from typing import Any
 import keras
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac import capture
 from tf_kfac.blocks import block_type_for
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
@@ -63,7 +62,7 @@ class Registration:
         self.loss_fn = _as_loss_object(loss)
         self.loss_given = loss
         for layer in candidates:
-            capture.wrap_layer(layer, getattr(block_type_for(layer), "preactivation", None))
+            block_type_for(layer).record_calls(layer)
         self.candidates = candidates
         self.model = weakref.ref(model)
         self.registered = True

@@ -19,6 +19,7 @@ from tf_kfac.blocks.einsum_dense import EinsumDenseBlock
 from tf_kfac.blocks.embedding import EmbeddingBlock
 from tf_kfac.blocks.kronecker import WEIGHT_SHARING, KroneckerBlock
 from tf_kfac.blocks.normalization import ScaleShiftBlock
+from tf_kfac.blocks.recurrent import RecurrentBlock
 from tf_kfac.blocks.separable import SeparableConvBlock
 
 # Checked in order: the first layer class that matches gives the block.
@@ -35,6 +36,9 @@ _BLOCK_TYPES: list[tuple[type, type[CurvatureBlock]]] = [
     (keras.layers.Embedding, EmbeddingBlock),
     (keras.layers.LayerNormalization, ScaleShiftBlock),
     (keras.layers.BatchNormalization, ScaleShiftBlock),
+    (keras.layers.SimpleRNN, RecurrentBlock),
+    (keras.layers.LSTM, RecurrentBlock),
+    (keras.layers.GRU, RecurrentBlock),
 ]
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "EmbeddingBlock",
     "FirstOrderBlock",
     "KroneckerBlock",
+    "RecurrentBlock",
     "ScaleShiftBlock",
     "SeparableConvBlock",
     "block_type_for",

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
+from tf_kfac import capture
 from tf_kfac.capture import LayerCall
 
 
@@ -58,6 +59,12 @@ class CurvatureBlock(abc.ABC):
     # recorded (`capture.Preactivation`); None runs its own `call` without
     # the activation.
     preactivation = None
+
+    @classmethod
+    def record_calls(cls, layer: keras.layers.Layer) -> None:
+        """Makes `layer` record its calls inside K-FAC's step: by default its
+        input and its output before its activation (see `preactivation`)."""
+        capture.wrap_layer(layer, cls.preactivation)
 
     def build(self, optimizer: keras.optimizers.Optimizer) -> None:  # noqa: B027
         """Creates the block's optimizer variables (none by default)."""
