@@ -221,6 +221,32 @@ def test_the_recorded_loop_gives_keras_outputs(kind, variant, rng):
         np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_recorded_loop_applies_keras_dropout_masks(kind, rng):
+    """With `training=True` and dropout (and SimpleRNN's recurrent dropout), the recorded
+    loop uses the masks Keras draws for the call: from the same seed state it gives Keras's
+    own outputs, and the recorded input is the dropped-out input."""
+    options = dict(dropout=0.5)
+    if kind == "SimpleRNN":
+        options["recurrent_dropout"] = 0.5
+    layer = KINDS[kind](UNITS, return_sequences=True, **options)
+    model = keras.Sequential([keras.Input((4, D)), layer])
+    x = rng.normal(size=(3, 4, D)).astype("float32")
+    model(x)
+    seed_state = layer.cell.seed_generator.state.numpy()
+    expected = model(x, training=True)
+    layer.cell.seed_generator.state.assign(seed_state)
+    RecurrentBlock.record_calls(layer)
+    try:
+        with capture.recording([layer]) as record:
+            actual = model(x, training=True)
+    finally:
+        capture.unwrap_layer(layer)
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    recorded = record.of(layer)[0].inputs.numpy()
+    assert np.mean(recorded == 0.0) > 0.2 and not np.allclose(recorded, x)
+
+
 def test_a_wrong_cell_step_is_caught(rng, monkeypatch):
     """Negative control: an LSTM step with two gates swapped does not give Keras's outputs."""
     def swapped(cell, projected, recurrent, states):
@@ -291,7 +317,8 @@ def test_fit_trains_every_recurrent_kind_with_full_coverage(kind, form, rng):
 
 def test_bidirectional_masked_stateful_and_dropout_models(rng):
     """Bidirectional with masking trains with curvature on both directions; a stateful
-    LSTM trains; a cell with dropout trains first-order and the summary says why."""
+    LSTM and a GRU with input dropout train with full curvature; an LSTM with recurrent
+    dropout (per-gate masks) trains first-order and the summary says why."""
     x, y = _sequence_task(rng)
     x[::3, 4:] = 0.0
     models = {
@@ -303,6 +330,9 @@ def test_bidirectional_masked_stateful_and_dropout_models(rng):
             keras.layers.Dense(2)]),
         "dropout": keras.Sequential([
             keras.Input((6, D)), keras.layers.GRU(4, dropout=0.2), keras.layers.Dense(2)]),
+        "per-gate dropout": keras.Sequential([
+            keras.Input((6, D)), keras.layers.LSTM(4, recurrent_dropout=0.2),
+            keras.layers.Dense(2)]),
     }
     for name, model in models.items():
         model.compile(optimizer=tf_kfac.KFAC(),
@@ -310,8 +340,8 @@ def test_bidirectional_masked_stateful_and_dropout_models(rng):
         history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
         assert history[-1] < history[0], name
         summary = model.optimizer.summary()
-        if name == "dropout":
-            assert "dropout inside the recurrent cell" in summary
+        if name == "per-gate dropout":
+            assert "per-gate dropout masks" in summary and "(100.0%)" not in summary
         else:
             assert "(100.0%)" in summary, name
 

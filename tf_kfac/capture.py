@@ -165,8 +165,9 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
 
 # How a recurrent layer kind runs its time loop inside a recording:
 # (layer, sequences, initial_state, mask, training) -> (the loop's result as
-# Keras's `RNN.inner_loop` returns it, the LayerCall to record).
-RecurrentLoop = Callable[..., tuple[tuple, LayerCall]]
+# Keras's `RNN.inner_loop` returns it, the LayerCall to record), or None to run
+# Keras's own loop unrecorded.
+RecurrentLoop = Callable[..., tuple[tuple, LayerCall] | None]
 
 
 def wrap_inner_loop(layer: keras.layers.Layer, loop: RecurrentLoop) -> None:
@@ -185,7 +186,10 @@ def wrap_inner_loop(layer: keras.layers.Layer, loop: RecurrentLoop) -> None:
         current = _recording_of(layer)
         if current is None:
             return original_loop(sequences, initial_state, mask, training=training)
-        result, call = loop(layer, sequences, initial_state, mask, training)
+        recorded = loop(layer, sequences, initial_state, mask, training)
+        if recorded is None:  # a configuration the loop does not cover: Keras's own
+            return original_loop(sequences, initial_state, mask, training=training)
+        result, call = recorded
         current.add(layer, call)
         return result
 

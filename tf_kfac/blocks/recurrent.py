@@ -80,13 +80,36 @@ def _biases(cell):
     return cell.bias, None
 
 
+def _unsupported(cell) -> str | None:
+    """Why this cell's step is not the two-map form above (None: it is)."""
+    if type(cell) not in _CELL_STEPS:
+        return f"recurrent cell {type(cell).__name__} has no curvature block"
+    if getattr(cell, "dropout_mask_count", None) and (cell.dropout or cell.recurrent_dropout):
+        return ("per-gate dropout masks (recurrent_dropout, or dropout with "
+                "implementation=1) give each gate its own input; use dropout alone, "
+                "with the default implementation=2")
+    if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
+        return "GRU with reset_after=False (its candidate's recurrent input is r⊙h)"
+    return None
+
+
 def _time_loop(layer, sequences, initial_state, mask, training):
-    """The recorded time loop: (Keras's `inner_loop` result, the LayerCall)."""
+    """The recorded time loop: (Keras's `inner_loop` result, the LayerCall), or None
+    for a cell that gets no block (Keras's own loop runs)."""
     cell = layer.cell
+    if _unsupported(cell) is not None:
+        return None
     step_of = _CELL_STEPS[type(cell)]
     if tf.nest.is_nested(mask):
         mask = mask[0]
     input_bias, recurrent_bias = _biases(cell)
+    # Keras's own dropout masks of this call (RNN.call made them before the loop):
+    # one per example, the same at every step, on the input and on hₜ₋₁.
+    input_mask = cell.get_dropout_mask(sequences[:, 0]) if training and cell.dropout else None
+    hidden_mask = (cell.get_recurrent_dropout_mask(initial_state[0])
+                   if training and cell.recurrent_dropout else None)
+    if input_mask is not None:
+        sequences = sequences * input_mask[:, None]
     projected = ops.matmul(sequences, cell.kernel)
     if input_bias is not None:
         projected = projected + input_bias
@@ -95,11 +118,12 @@ def _time_loop(layer, sequences, initial_state, mask, training):
 
     def step(inputs, states):
         projected_t, probe_t = inputs
-        recurrent = ops.matmul(states[0], cell.recurrent_kernel)
+        previous = states[0] if hidden_mask is None else states[0] * hidden_mask
+        recurrent = ops.matmul(previous, cell.recurrent_kernel)
         if recurrent_bias is not None:
             recurrent = recurrent + recurrent_bias
         h, new_states = step_of(cell, projected_t, recurrent + probe_t, states)
-        return ops.concatenate([h, states[0]], axis=-1), new_states
+        return ops.concatenate([h, previous], axis=-1), new_states
 
     last_output, outputs, states = internals.backend_rnn(
         step, (projected, probe), list(initial_state), go_backwards=layer.go_backwards,
@@ -146,13 +170,9 @@ class RecurrentBlock(CurvatureBlock):
     @classmethod
     def obstacle(cls, layer, trainable_ids) -> str | None:
         cell = layer.cell
-        if type(cell) not in _CELL_STEPS:
-            return f"recurrent cell {type(cell).__name__} has no curvature block"
-        if cell.dropout or cell.recurrent_dropout:
-            return ("dropout inside the recurrent cell (dropout, recurrent_dropout); "
-                    "apply keras.layers.Dropout to the layer's input instead")
-        if isinstance(cell, keras.layers.GRUCell) and not cell.reset_after:
-            return "GRU with reset_after=False (its candidate's recurrent input is r⊙h)"
+        reason = _unsupported(cell)
+        if reason is not None:
+            return reason
         variables = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if cell.use_bias else [])
         if any(id(v) not in trainable_ids for v in variables):
             return "some of its variables are frozen"
