@@ -283,3 +283,33 @@ def add_replica_local_variable(optimizer: Any, shape, name: str) -> keras.Variab
         )
     track(variable)
     return variable
+
+
+# --------------------------------------------------------------------------
+# Keras's dynamic loss scaling (`keras.optimizers.LossScaleOptimizer`).
+# --------------------------------------------------------------------------
+
+
+def loss_scale_settings(wrapper: Any) -> tuple[float, int]:
+    """A `LossScaleOptimizer`'s `(initial_scale, dynamic_growth_steps)`."""
+    initial = getattr(wrapper, "initial_scale", None)
+    growth = getattr(wrapper, "dynamic_growth_steps", None)
+    if initial is None or growth is None:  # pragma: no cover - depends on Keras
+        raise _changed("LossScaleOptimizer.initial_scale and .dynamic_growth_steps")
+    return float(initial), int(growth)
+
+
+def loss_scale_variables(wrapper: Any) -> tuple[keras.Variable, keras.Variable]:
+    """A built `LossScaleOptimizer`'s `(step_counter, dynamic_scale)` variables.
+
+    Keras multiplies the loss by `dynamic_scale`; after a step with finite
+    gradients it increments `step_counter`, or, when the counter has reached
+    `dynamic_growth_steps − 1`, doubles the scale and resets the counter; after
+    a step with a non-finite gradient it halves the scale, resets the counter
+    and applies nothing.
+    """
+    counter = getattr(wrapper, "step_counter", None)
+    scale = getattr(wrapper, "dynamic_scale", None)
+    if not (isinstance(counter, keras.Variable) and isinstance(scale, keras.Variable)):
+        raise _changed("LossScaleOptimizer.step_counter and .dynamic_scale")
+    return counter, scale
