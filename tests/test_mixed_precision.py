@@ -302,3 +302,46 @@ def test_fit_with_mixed_float16_trains(mixed, build, shape):
     assert all(f.dtype == np.float32 and np.all(np.isfinite(f)) for f in factors)
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
     assert history["skipped_steps"][-1] == 0.0
+
+
+@pytest.mark.parametrize("kwargs", [{"fisher": "exact"}, {"fisher": "empirical"},
+                                    {"adaptive": True}],
+                         ids=["exact", "empirical", "adaptive"])
+def test_every_estimator_and_the_adaptive_mode_train(mixed, kwargs):
+    model = _dense("tanh")
+    opt = tf_kfac.KFAC(seed=0, **kwargs)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    x, y = _data(64)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history
+    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
+    assert all(np.all(np.isfinite(f)) for f in _all_factors(opt, model))
+
+
+def test_a_custom_loop_scales_with_the_compiled_wrapper(mixed):
+    """`attach` + `step` on the KFAC inside the model's LossScaleOptimizer use
+    its scale too (building the wrapper on the first step)."""
+    model = _dense("tanh")
+    opt = tf_kfac.KFAC(seed=0)
+    model.compile(optimizer=LSO(opt, initial_scale=2.0**8, dynamic_growth_steps=2),
+                  loss="sparse_categorical_crossentropy")
+    opt.attach(model, loss="sparse_categorical_crossentropy")
+    step = tf.function(opt.step)
+    x, y = _data(16)
+    losses = [float(step(x, y)["loss"]) for _ in range(5)]
+    assert model.optimizer.built
+    assert _scale_state(model.optimizer) == (2.0**8 * 4, 1)  # five good steps, grown twice
+    assert int(opt.iterations.numpy()) == 5
+    assert losses[-1] < losses[0]
+    logs = step(x * OVERFLOW_FACTOR, y)
+    assert float(logs["dynamic_scale"]) == 2.0**8 * 2
+    assert int(opt.iterations.numpy()) == 5
+
+
+def test_two_replicas_with_loss_scaling_are_refused(mixed):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _dense()
+        model.compile(optimizer=tf_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    x, y = _data(8)
+    with pytest.raises(ValueError, match=r"one replica(.|\n)*mixed_bfloat16"):
+        model.fit(x, y, batch_size=8, verbose=0)
