@@ -97,8 +97,8 @@ def check_dtype_policies(model: keras.Model, optimizer: Any) -> None:
             f"KFAC does not train float16 weights (layers: {', '.join(weights16)}): their "
             "updates would round away. Use the 'mixed_float16' policy, which keeps the "
             "weights in float32 and computes in float16, or 'float32'.")
-    half = [layer.name for layer in layers
-            if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"]
+    half = [layer.name for layer in layers if not isinstance(layer, keras.layers.InputLayer)
+            and getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"]
     if model.dtype_policy.compute_dtype == "float16":
         half.insert(0, model.name)
     if half and loss_scaling.wrapper_of(model, optimizer) is None:
