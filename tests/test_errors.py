@@ -232,18 +232,40 @@ def test_inspection_before_and_outside_registration():
 
 @pytest.mark.usefixtures("float32_policy")
 def test_mixed_float16_policy():
-    """The 'mixed_float16' policy (loss scaling) is refused with a message
-    naming it and the alternatives, both from `fit` and from `attach`."""
+    """Under the 'mixed_float16' policy `compile` wraps KFAC in a
+    LossScaleOptimizer and `fit` trains with float32 factors
+    (tests/test_mixed_precision.py has the details); a float16 model whose
+    KFAC is not wrapped (a custom loop's `attach` on an uncompiled model) is
+    refused with a message naming the wrapper and the policy."""
     keras.mixed_precision.set_global_policy("mixed_float16")
     model = _mlp()
-    model.compile(optimizer=tf_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    opt = tf_kfac.KFAC()
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     x, y = _data(n=8)
-    match = r"mixed_float16(.|\n)*float32"
-    with pytest.raises(ValueError, match=match):
-        model.fit(x, y, batch_size=4, verbose=0)
+    model.fit(x, y, batch_size=4, verbose=0)
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert all(f.dtype == tf.float32 for f in opt.kronecker_factors(model.layers[0]))
+    match = r"LossScaleOptimizer(.|\n)*mixed_float16"
     with pytest.raises(ValueError, match=match):
         tf_kfac.KFAC().attach(_mlp(), loss="sparse_categorical_crossentropy")
+    other = _mlp()  # compiled with a wrapper around another KFAC than the attached one
+    other.compile(optimizer=tf_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=match):
+        tf_kfac.KFAC().attach(other)
+
+
+@pytest.mark.usefixtures("float32_policy")
+def test_float16_weights_are_refused():
+    """A layer with float16 weights (the 'float16' policy) cannot take K-FAC's
+    small updates; the message says to keep float32 weights."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, dtype="float16"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(tf_kfac.KFAC()),
+                  loss="sparse_categorical_crossentropy")
+    x, y = _data(n=8)
+    with pytest.raises(ValueError, match=r"float16 weights(.|\n)*mixed_float16"):
+        model.fit(x, y, batch_size=4, verbose=0)
 
 
 # ------------------------------------------------------------- non-finite

@@ -36,6 +36,8 @@ COVERED = {
     "wrap_loss_function",
     "in_symbolic_build",
     "add_replica_local_variable",
+    "loss_scale_settings",
+    "loss_scale_variables",
 }
 
 
@@ -400,3 +402,35 @@ def test_check_rnn_time_loop():
         internals.check_rnn_time_loop(layer)
     with pytest.raises(internals.KerasInternalsError, match="inner_loop"):
         internals.check_rnn_time_loop(keras.layers.Dense(2))
+
+
+# ---------------------------------------------------- dynamic loss scaling
+def test_loss_scale_settings():
+    wrapper = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(), initial_scale=64.0, dynamic_growth_steps=3)
+    assert internals.loss_scale_settings(wrapper) == (64.0, 3)
+
+
+def test_loss_scale_variables_and_the_rule_tf_kfac_reproduces():
+    """The wrapper's `step_counter` and `dynamic_scale`, and the rule that
+    `tf_kfac/loss_scaling.py` applies to them, as Keras's own `apply` does it:
+    a non-finite gradient halves the scale and resets the counter, applying
+    nothing; `dynamic_growth_steps` finite steps double it."""
+    variable = keras.Variable(np.ones(2, "float32"))
+    wrapper = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=64.0, dynamic_growth_steps=2)
+    wrapper.build([variable])
+    counter, scale = internals.loss_scale_variables(wrapper)
+    assert counter.dtype == "int64" and scale.dtype == "float32"
+    assert (int(counter.numpy()), float(scale.numpy())) == (0, 64.0)
+    assert float(wrapper.scale_loss(tf.constant(1.0)).numpy()) == 64.0
+    wrapper.apply([tf.constant([np.inf, 1.0])], [variable])
+    assert (int(counter.numpy()), float(scale.numpy())) == (0, 32.0)
+    np.testing.assert_array_equal(variable.numpy(), [1.0, 1.0])
+    wrapper.apply([tf.constant([32.0, 32.0])], [variable])
+    assert (int(counter.numpy()), float(scale.numpy())) == (1, 32.0)
+    np.testing.assert_allclose(variable.numpy(), [0.9, 0.9])  # unscaled by 32
+    wrapper.apply([tf.constant([32.0, 32.0])], [variable])
+    assert (int(counter.numpy()), float(scale.numpy())) == (0, 64.0)
+    with pytest.raises(internals.KerasInternalsError, match="dynamic_scale"):
+        internals.loss_scale_variables(keras.optimizers.SGD())

@@ -2,10 +2,10 @@
 
 Each test here was written against a defect of tf_kfac 0.1 and failed there:
 non-finite hyperparameters were accepted, a float16 layer inside a float32
-model slipped past the mixed-precision check, a non-finite first inversion
-left a layer with the all-zero initial inverse (and counted as done), and a
-`.keras` file whose optimizer state did not match was loaded with fresh state
-after a Keras warning only.
+model slipped past the mixed-precision check (it is now refused unless the loss
+is scaled), a non-finite first inversion left a layer with the all-zero
+initial inverse (and counted as done), and a `.keras` file whose optimizer
+state did not match was loaded with fresh state after a Keras warning only.
 """
 
 from __future__ import annotations
@@ -52,16 +52,34 @@ def test_finite_hyperparameters_at_their_bounds_are_accepted():
                  quadratic_model_fraction=1.0)
 
 
-def test_a_float16_layer_inside_a_float32_model_is_refused():
-    """The model's policy is float32, one layer's own policy is mixed_float16."""
+def test_a_float16_layer_inside_a_float32_model_is_refused_without_loss_scaling():
+    """The model's policy is float32, one layer's own policy is mixed_float16,
+    and the optimizer is a bare KFAC: its gradients would underflow, so it is
+    refused with a message naming the layer and the LossScaleOptimizer."""
     model = keras.Sequential([
         keras.Input((4,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_float16"),
         keras.layers.Dense(3, activation="softmax", dtype="float32")])
     assert model.dtype_policy.name == "float32"
     model.compile(optimizer=tf_kfac.KFAC(), loss="sparse_categorical_crossentropy")
     x, y = _data(8)
-    with pytest.raises(ValueError, match=r"float16(.|\n)*dense"):
+    with pytest.raises(ValueError, match=r"float16(.|\n)*LossScaleOptimizer(.|\n)*dense"):
         model.fit(x, y, batch_size=4, verbose=0)
+
+
+def test_a_float16_layer_trains_inside_a_loss_scale_optimizer():
+    """The same model compiled with LossScaleOptimizer(KFAC()) trains, its
+    factors in float32."""
+    model = keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(8, activation="tanh", dtype="mixed_float16"),
+        keras.layers.Dense(3, activation="softmax", dtype="float32")])
+    opt = tf_kfac.KFAC(seed=0)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(opt),
+                  loss="sparse_categorical_crossentropy")
+    x, y = _data(32)
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for factor in opt.kronecker_factors(model.layers[0]):
+        assert factor.dtype == tf.float32 and np.all(np.isfinite(factor.numpy()))
 
 
 def test_a_bfloat16_layer_is_accepted():

@@ -305,3 +305,33 @@ def check_rnn_time_loop(layer: Any) -> None:
     loop = getattr(type(layer), "inner_loop", None)
     if loop is None or list(inspect.signature(loop).parameters)[1:] != _RNN_LOOP_PARAMETERS:
         raise _changed("RNN.inner_loop(sequences, initial_state, mask, training)")
+
+
+# --------------------------------------------------------------------------
+# Keras's dynamic loss scaling (`keras.optimizers.LossScaleOptimizer`).
+# --------------------------------------------------------------------------
+
+
+def loss_scale_settings(wrapper: Any) -> tuple[float, int]:
+    """A `LossScaleOptimizer`'s `(initial_scale, dynamic_growth_steps)`."""
+    initial = getattr(wrapper, "initial_scale", None)
+    growth = getattr(wrapper, "dynamic_growth_steps", None)
+    if initial is None or growth is None:  # pragma: no cover - depends on Keras
+        raise _changed("LossScaleOptimizer.initial_scale and .dynamic_growth_steps")
+    return float(initial), int(growth)
+
+
+def loss_scale_variables(wrapper: Any) -> tuple[keras.Variable, keras.Variable]:
+    """A built `LossScaleOptimizer`'s `(step_counter, dynamic_scale)` variables.
+
+    Keras multiplies the loss by `dynamic_scale`; after a step with finite
+    gradients it increments `step_counter`, or, when the counter has reached
+    `dynamic_growth_steps − 1`, doubles the scale and resets the counter; after
+    a step with a non-finite gradient it halves the scale, resets the counter
+    and applies nothing.
+    """
+    counter = getattr(wrapper, "step_counter", None)
+    scale = getattr(wrapper, "dynamic_scale", None)
+    if not (isinstance(counter, keras.Variable) and isinstance(scale, keras.Variable)):
+        raise _changed("LossScaleOptimizer.step_counter and .dynamic_scale")
+    return counter, scale

@@ -21,6 +21,7 @@ from tf_kfac import hyperparameters as hp
 from tf_kfac.blocks import blocks_for_model
 from tf_kfac.estimator import CurvatureEstimator
 from tf_kfac.fit import custom_loop_step
+from tf_kfac.loss_scaling import LossScaling
 from tf_kfac.step import KFACState, apply_update
 
 
@@ -202,7 +203,7 @@ class KFAC(keras.optimizers.Optimizer):
         if attached is not None and attached is not model:
             raise ValueError("This KFAC optimizer already trains another model. Create one "
                              "KFAC instance per model.")
-        registration.check_dtype_policies(model)
+        registration.check_dtype_policies(model, self)
         self._check_distribution()
         if state.registered and attached is model and (loss is None or state.loss_given == loss):
             return
@@ -334,17 +335,14 @@ class KFAC(keras.optimizers.Optimizer):
     def _run_step(self, model, x, sample_weight, forward, objective):
         """Measures one batch and applies the update; (y_pred, loss, logs)."""
         state = self._kfac
+        scaling = LossScaling.for_step(model, self)  # float16: tf_kfac/loss_scaling.py
         measured = training.forward_pass(state.candidates, state.spec, self.fisher,
                                          self._sampling_seed, x, sample_weight, forward,
-                                         objective)
+                                         objective, None if scaling is None else scaling.scale)
         if not self.built:
             self.build(model.trainable_variables)
         var_list = self._trainable_variables
-        if [id(v) for v in model.trainable_variables] != [id(v) for v in var_list]:
-            raise ValueError(
-                "The model's trainable variables changed after KFAC was built for it (a layer "
-                "was frozen, unfrozen or added). Create a new KFAC optimizer and compile the "
-                "model again.")
+        registration.check_variables_unchanged(model, var_list)
         grads, statistics, loss_scale = training.gradients_and_statistics(
             measured, state.estimator, var_list, state.spec, self.fisher, sample_weight,
             state.state.factor_update_due(self.iterations, self.factor_update_interval))
@@ -353,21 +351,20 @@ class KFAC(keras.optimizers.Optimizer):
             context = training.step_context(
                 state.spec, state.candidates, self.quadratic_model_fraction, var_list, x,
                 measured.weights, measured.global_batch, forward, objective)
-        logs = self._apply_kfac_update(grads, measured.loss, statistics, context, loss_scale)
-        return measured.y_pred, measured.loss, logs
-
-    def _apply_kfac_update(self, grads, loss, statistics, context, loss_scale):
-        """Commits one step's update (`tf_kfac/step.py`); returns the K-FAC logs."""
+        overflow = None if scaling is None else scaling.overflowed(grads, statistics)
         damping = (tf.convert_to_tensor(self._kfac.state.damping) if self.adaptive
                    else self._current(self.damping))
         logs = apply_update(
             self, self._kfac.state, self._kfac.estimator, self._trainable_variables, grads,
-            loss, statistics, context, loss_scale, iteration=self.iterations,
+            measured.loss, statistics, context, loss_scale, iteration=self.iterations,
             lr=tf.cast(self._get_current_learning_rate(), tf.float32),
             momentum=self._current(self.momentum), damping=damping,
-            clip=self._clip_gradients, weight_decay=self._decay_of)
-        self._iterations.assign_add(1)
-        return logs
+            clip=self._clip_gradients, weight_decay=self._decay_of, overflow=overflow)
+        self._iterations.assign_add(1 if overflow is None else 1 - tf.cast(overflow, "int64"))
+        if scaling is not None:
+            scaling.build(var_list)
+            logs.update(scaling.update(overflow))
+        return measured.y_pred, measured.loss, logs
 
     def _decay_of(self, variable) -> float | None:
         if self.weight_decay is not None and self._use_weight_decay(variable):

@@ -12,6 +12,7 @@ from typing import Any
 import keras
 
 from tf_kfac import _keras_internals as internals
+from tf_kfac import loss_scaling
 from tf_kfac.blocks import block_type_for
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
@@ -80,17 +81,45 @@ def _resolve_spec(model, loss, fisher: str) -> LossSpec | None:
         raise
 
 
-def check_dtype_policies(model: keras.Model) -> None:
-    """Raises for float16 computation anywhere in the model (not supported yet)."""
-    half = [layer.name for layer in internals.flatten_layers(model)
-            if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"]
-    if model.dtype_policy.name == "mixed_float16" or half or isinstance(
-            getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer):
-        where = f" (layers computing in float16: {', '.join(half)})" if half else ""
+def check_dtype_policies(model: keras.Model, optimizer: Any) -> None:
+    """Raises for float16 computation that K-FAC cannot train.
+
+    Layers computing in float16 (the `mixed_float16` policy, or one layer's own)
+    need loss scaling, which K-FAC's step applies when the model is compiled
+    with a `keras.optimizers.LossScaleOptimizer` around `optimizer`
+    (`tf_kfac/loss_scaling.py`). Float16 weights are refused.
+    """
+    layers = internals.flatten_layers(model)
+    weights16 = [layer.name for layer in layers if layer.weights and getattr(
+        getattr(layer, "dtype_policy", None), "variable_dtype", None) == "float16"]
+    if weights16:
         raise ValueError(
-            "KFAC does not support float16 computation and its loss scaling (the "
-            f"'mixed_float16' policy) yet{where}. Train in float32, or with the "
-            "'mixed_bfloat16' policy, which needs no loss scaling.")
+            f"KFAC does not train float16 weights (layers: {', '.join(weights16)}): their "
+            "updates would round away. Use the 'mixed_float16' policy, which keeps the "
+            "weights in float32 and computes in float16, or 'float32'.")
+    half = [layer.name for layer in layers if not isinstance(layer, keras.layers.InputLayer)
+            and getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16"]
+    if model.dtype_policy.compute_dtype == "float16":
+        half.insert(0, model.name)
+    if half and loss_scaling.wrapper_of(model, optimizer) is None:
+        raise ValueError(
+            "Layers computing in float16 need loss scaling, or their gradients underflow, "
+            f"and this KFAC optimizer is not wrapped in a keras.optimizers.LossScaleOptimizer "
+            f"(float16 computation in: {', '.join(half)}). Compile the model with "
+            "`optimizer=keras.optimizers.LossScaleOptimizer(tf_kfac.KFAC(...))`, or set the "
+            "'mixed_float16' global policy before building and compiling it (compile then "
+            "wraps the optimizer itself); for a custom loop, compile the model that way and "
+            "call attach and step on the inner KFAC. Or train in 'float32' or "
+            "'mixed_bfloat16', which needs no loss scaling.")
+
+
+def check_variables_unchanged(model: keras.Model, var_list) -> None:
+    """Raises when the model's trainable variables are not those KFAC was built for."""
+    if [id(v) for v in model.trainable_variables] != [id(v) for v in var_list]:
+        raise ValueError(
+            "The model's trainable variables changed after KFAC was built for it (a layer "
+            "was frozen, unfrozen or added). Create a new KFAC optimizer and compile the "
+            "model again.")
 
 
 def _as_loss_object(loss: Any) -> keras.losses.Loss | None:

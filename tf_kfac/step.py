@@ -69,6 +69,7 @@ def apply_update(
     statistics, context, loss_scale, *, iteration: tf.Tensor, lr: tf.Tensor,
     momentum: tf.Tensor, damping: tf.Tensor,
     clip: Callable[[list], list], weight_decay: Callable[[keras.Variable], float | None],
+    overflow: tf.Tensor | None = None,
 ) -> dict[str, tf.Tensor]:
     """Updates statistics, refreshed values, momentum and weights from one step.
 
@@ -86,6 +87,9 @@ def apply_update(
         iteration: the step count; lr, momentum, damping: their current values.
         clip: Keras's clipping of the update directions.
         weight_decay: a variable's decoupled weight decay, or None.
+        overflow: under loss scaling (`tf_kfac/loss_scaling.py`), whether the
+            scaled gradients overflowed: such a step writes nothing, and is not
+            counted in `skipped_steps` either (the loss scaling skips it).
 
     Returns:
         The K-FAC scalars for the logs.
@@ -115,6 +119,10 @@ def apply_update(
                  for g, v in zip(grads, variables, strict=True)]
     ok = tf.logical_and(tf.equal(bad, 0.0),
                         all_finite([loss, *[g for g in grads if g is not None]]))
+    counted = tf.constant(1, tf.int64)
+    if overflow is not None:
+        ok = tf.logical_and(ok, tf.logical_not(overflow))
+        counted = 1 - tf.cast(overflow, tf.int64)
 
     # Statistics: moving averages, debiased at the start.
     update_factors = state.factor_update_due(iteration, settings.factor_update_interval)
@@ -183,7 +191,7 @@ def apply_update(
         writes.append((variable, value, None))
 
     ok64 = tf.cast(ok, tf.int64)
-    skipped = state.skipped_steps + (1 - ok64)
+    skipped = state.skipped_steps + (1 - ok64) * counted
     writes += [
         (state.factor_updates,
          state.factor_updates + ok64 * tf.cast(update_factors, tf.int64), None),

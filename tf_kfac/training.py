@@ -21,6 +21,7 @@ import tensorflow as tf
 from tf_kfac import capture, distribute
 from tf_kfac.adaptive import OutputContext
 from tf_kfac.estimator import CurvatureEstimator
+from tf_kfac.loss_scaling import unscale
 from tf_kfac.losses import LossSpec
 
 
@@ -72,10 +73,17 @@ class ForwardPass:
     weights: tf.Tensor  # per-example weights (ones without sample weights)
     batch_size: tf.Tensor  # this replica's B
     global_batch: tf.Tensor  # B across replicas
+    scale: tf.Tensor | None = None  # S, the dynamic loss scale (float16 computation)
+    scaled_loss: tf.Tensor | None = None  # S·h, differentiated instead of h under S
 
 
 def forward_pass(layers, spec: LossSpec | None, fisher: str, seed: Callable[[], tf.Tensor],
-                 x, sample_weight, forward, objective) -> ForwardPass:
+                 x, sample_weight, forward, objective, scale=None) -> ForwardPass:
+    """Runs the model under capture and a tape.
+
+    With a loss scale S (`tf_kfac/loss_scaling.py`) the tape also records S·h
+    and S times the sampled targets' NLL, whose gradients are the ones taken.
+    """
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
     batch_size = tf.shape(first_input)[0]
     # The scales below are those of the global batch: each replica's statistics
@@ -91,8 +99,11 @@ def forward_pass(layers, spec: LossSpec | None, fisher: str, seed: Callable[[], 
             z = _network_output(spec, single_output(y_pred), recording)
             if fisher == "sampled":
                 sampled = spec.sampled_nll(z, seed(), weights)
+                if scale is not None:
+                    sampled = sampled * scale
+        scaled_loss = None if scale is None else loss * tf.cast(scale, loss.dtype)
     return ForwardPass(tape, recording, y_pred, loss, z, sampled, weights, batch_size,
-                       global_batch)
+                       global_batch, scale, scaled_loss)
 
 
 def gradients_and_statistics(
@@ -102,17 +113,21 @@ def gradients_and_statistics(
     """(the objective's gradients, this batch's statistics, the loss's scale c).
 
     The statistics (and the estimator's extra backward pass) are computed only
-    when `statistics_due`; otherwise they are zeros.
+    when `statistics_due`; otherwise they are zeros. Under a loss scale S, the
+    gradients and the estimator's pre-activation gradients are of S·h and are
+    returned divided by S, in float32.
     """
     tape = step.tape
+    target = step.loss if step.scale is None else step.scaled_loss
     calls = estimator.calls(step.recording)
     preacts = [[call.targets for call in block_calls] for block_calls in calls]
     flat_preacts = tf.nest.flatten(preacts)
     if fisher == "empirical":
-        all_grads = tape.gradient(step.loss, list(var_list) + flat_preacts)
+        all_grads = tape.gradient(target, list(var_list) + flat_preacts)
         grads, loss_preact_grads = all_grads[: len(var_list)], all_grads[len(var_list):]
     else:
-        grads = tape.gradient(step.loss, var_list)
+        grads = tape.gradient(target, var_list)
+    grads = [unscale(g, step.scale) for g in grads]
 
     # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
     loss_scale = (spec.scale(single_output(step.y_pred) if step.z is None else step.z,
@@ -124,16 +139,20 @@ def gradients_and_statistics(
             # Row i is ∂h/∂sᵢ = wᵢ·c·∂(−log p)ᵢ/∂sᵢ / B for both reductions (with
             # the "sum" reduction c carries B), so G = c·(1/B) Σ wᵢ gᵢgᵢᵀ needs the
             # rows divided by √wᵢ (rows of weight 0 stay 0) and the scale B²/c.
-            rows = loss_preact_grads
+            rows = [unscale(g, step.scale) for g in loss_preact_grads]
             if sample_weight is not None:
                 rows = [_per_example(g, tf.sqrt(step.weights)) for g in rows]
             batch = tf.cast(step.global_batch, tf.float32)
             return [rows], batch * batch / loss_scale
         if fisher == "sampled":
-            return [tape.gradient(step.sampled, flat_preacts)], loss_scale
+            rows = tape.gradient(step.sampled, flat_preacts)
+            return [[unscale(g, step.scale) for g in rows]], loss_scale
         columns = spec.hessian_sqrt_columns(step.z, step.weights)
-        return ([tape.gradient(step.z, flat_preacts, output_gradients=u) for u in columns],
-                loss_scale)
+        if step.scale is not None:
+            columns = [u * tf.cast(step.scale, u.dtype) for u in columns]
+        return ([[unscale(g, step.scale)
+                  for g in tape.gradient(step.z, flat_preacts, output_gradients=u)]
+                 for u in columns], loss_scale)
 
     def batch_statistics():
         sets, g_scale = gradient_sets()
