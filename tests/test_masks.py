@@ -115,6 +115,28 @@ def test_padding_changes_no_factor(fisher, sharing, where, weighted, rng, rel_er
                                        err_msg=path)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_padding_changes_no_factor_inside_fit(jit_compile, rng, rel_err):
+    """The same property when the masks travel through `fit`'s traced train
+    function (and with XLA): one epoch of one batch, factors of that batch."""
+    x = _tokens(rng)
+    y = np.arange(len(x)) % CLASSES
+    results = []
+    for padding in (0, 4):
+        keras.utils.set_random_seed(7)
+        model = _token_model(x.shape[1] + padding)
+        opt = tf_kfac.KFAC(fisher="exact", seed=3, factor_decay=0.0)
+        model.compile(optimizer=opt, loss=_sce(), jit_compile=jit_compile)
+        model.fit(np.pad(x, [(0, 0), (0, padding)]), y, batch_size=len(x), epochs=1,
+                  shuffle=False, verbose=0)
+        results.append(_factors(opt, model))
+    short, long = results
+    for path, factors in short.items():
+        for a, b in zip(factors, long[path], strict=True):
+            assert np.abs(a).max() > 0, path
+            assert rel_err(b, a) < 1e-5, path
+
+
 def test_without_mask_padding_changes_every_factor(rng, rel_err):
     """Negative control: with mask_zero=False the padding tokens are real inputs, and
     every block's statistics change with the padding."""
