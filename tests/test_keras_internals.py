@@ -35,6 +35,8 @@ COVERED = {
     "update_loss_tracker",
     "wrap_loss_function",
     "in_symbolic_build",
+    "keras_mask",
+    "attention_projections",
     "add_replica_local_variable",
     "loss_scale_settings",
     "loss_scale_variables",
@@ -304,6 +306,73 @@ def test_in_symbolic_build():
     assert seen == [False]
     assert not internals.in_symbolic_build()
 
+
+
+def test_keras_mask_reads_the_mask_keras_hands_to_the_next_layer():
+    """`keras_mask` gives the mask that Embedding(mask_zero=True) and Masking attach
+    to their outputs, eagerly and inside a tf.function, the same one Keras passes
+    as `mask=` to a layer whose `call` takes it; None for a tensor without a mask
+    (and for None). MultiHeadAttention's `call` still removes its inputs' masks
+    before its projections (why tf_kfac routes them; tf_kfac/masks.py)."""
+    import tensorflow as tf
+
+    ids = tf.constant([[3, 1, 0, 0]])
+    embedded = keras.layers.Embedding(5, 2, mask_zero=True)(ids)
+    np.testing.assert_array_equal(internals.keras_mask(embedded).numpy(),
+                                  [[True, True, False, False]])
+    values = tf.constant([[[1.0], [0.0], [2.0]]])
+    masked = keras.layers.Masking(0.0)(values)
+    np.testing.assert_array_equal(internals.keras_mask(masked).numpy(), [[True, False, True]])
+    assert internals.keras_mask(values) is None and internals.keras_mask(None) is None
+
+    seen = {}
+
+    class Probe(keras.layers.Layer):
+        def call(self, x, mask=None):
+            seen["argument"], seen["attached"] = mask, internals.keras_mask(x)
+            return x
+
+    probe, embedding = Probe(), keras.layers.Embedding(5, 2, mask_zero=True)
+
+    @tf.function
+    def traced(tokens):
+        return probe(embedding(tokens))
+
+    traced(ids)
+    assert tf.is_tensor(seen["argument"]) and seen["attached"] is seen["argument"]
+
+    captured = {}
+    attention = keras.layers.MultiHeadAttention(1, 2)
+    attention(embedded, embedded)
+    original = attention._query_dense.call
+
+    def spy(x, *args, **kwargs):
+        captured["mask"] = internals.keras_mask(x)
+        return original(x, *args, **kwargs)
+
+    attention._query_dense.call = spy
+    attention(embedded, embedded)
+    assert "mask" in captured and captured["mask"] is None
+
+
+def test_attention_projections_are_the_layers_sublayers():
+    """`attention_projections` names the EinsumDense sub-layers that MultiHeadAttention
+    calls on its query, key, value and output (and gate with use_gate=True): they
+    are exactly the EinsumDense layers among its sub-layers."""
+    for use_gate in (False, True):
+        kwargs = {"use_gate": True} if use_gate else {}
+        try:
+            attention = keras.layers.MultiHeadAttention(2, 3, **kwargs)
+        except TypeError:  # a Keras without gated attention
+            continue
+        attention(np.zeros((1, 4, 5), "float32"), np.zeros((1, 4, 5), "float32"))
+        found = internals.attention_projections(attention)
+        expected = {"query", "key", "value", "output"} | ({"gate"} if use_gate else set())
+        assert set(found) == expected
+        einsums = [layer for layer in internals.flatten_layers(attention)
+                   if isinstance(layer, keras.layers.EinsumDense)]
+        assert sorted(map(id, found.values())) == sorted(map(id, einsums))
+        assert found["output"].kernel.shape[-1] == 5 and found["query"].kernel.shape[0] == 5
 
 
 def test_add_replica_local_variable():

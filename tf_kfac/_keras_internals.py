@@ -254,6 +254,52 @@ def in_symbolic_build() -> bool:
 
 
 # --------------------------------------------------------------------------
+# Keras masks (padding positions).
+# --------------------------------------------------------------------------
+
+
+def keras_mask(tensor: Any) -> Any:
+    """The Keras mask attached to `tensor` (True = a real position), or None.
+
+    Keras 3 carries a mask as the `_keras_mask` attribute of a tensor (or, for
+    tensors that take no attributes, in a global table), written when a layer
+    that supports masking returns, and read by `Layer.__call__` to fill a
+    layer's `mask=` argument; `keras.src.backend.get_keras_mask` reads both.
+    """
+    try:
+        from keras.src.backend import get_keras_mask
+    except ImportError as error:  # pragma: no cover - depends on Keras
+        raise _changed("keras.src.backend.get_keras_mask") from error
+    if tensor is None:
+        return None
+    return get_keras_mask(tensor)
+
+
+_ATTENTION_PROJECTIONS = {"query": "_query_dense", "key": "_key_dense",
+                          "value": "_value_dense", "output": "_output_dense",
+                          "gate": "_gate_dense"}
+
+
+def attention_projections(layer: Any) -> dict[str, Any]:
+    """A built MultiHeadAttention's EinsumDense projections, by role.
+
+    The roles are "query", "key", "value", "output" and, with `use_gate=True`,
+    "gate". `MultiHeadAttention.call` removes the Keras masks of its inputs
+    before it applies these projections, so tf_kfac tells them their masks
+    itself (tf_kfac/masks.py).
+    """
+    found = {}
+    for role, attribute in _ATTENTION_PROJECTIONS.items():
+        projection = getattr(layer, attribute, None)
+        if projection is None:
+            if role == "gate" and not getattr(layer, "_use_gate", False):
+                continue
+            raise _changed(f"MultiHeadAttention.{attribute}")
+        found[role] = projection
+    return found
+
+
+# --------------------------------------------------------------------------
 # Optimizer state that is local to each replica.
 # --------------------------------------------------------------------------
 

@@ -6,13 +6,15 @@ layer *instance* (Keras looks `call` up on the instance at every call) with a
 function that, only while a `Recording` is active, runs the layer's own `call`
 with the activation switched off, records the input and s, and applies the
 activation to s. Outside a recording — `predict`, `evaluate`, `model.export()`,
-any call of the user's — it is the layer's own `call`, unchanged.
+any call of the user's — it is the layer's own `call`, unchanged. Each recorded
+call keeps the Keras mask of its positions (`LayerCall.mask`, tf_kfac/masks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
+from tf_kfac import masks
 
 _ACTIVE = threading.local()
 _WRAPPED_MARK = "_tf_kfac_originals"  # {method name: the layer's own method}
@@ -37,8 +40,9 @@ class LayerCall:
         intermediates: tensors inside the layer whose gradients its block
             needs besides s (a separable convolution's depthwise output, a
             recurrent layer's recurrent projections).
-        mask: a boolean (examples, positions) mask of the input's positions
-            (True: a real position), or None.
+        mask: a boolean mask of the input's positions, of the shape of its
+            leading (examples, positions...) axes, True at a real position;
+            None when every position is real (tf_kfac/masks.py).
         hidden: a recurrent layer's previous hidden state at each position,
             (examples, positions, units), or None.
     """
@@ -63,6 +67,9 @@ class Recording:
     def __init__(self, layers: Sequence[keras.layers.Layer]):
         self._ids = {id(layer) for layer in layers}
         self.calls: dict[int, list[LayerCall]] = {id(layer): [] for layer in layers}
+        # Masks that a containing layer hands to the layers it calls (by id),
+        # for the duration of its call (MultiHeadAttention's projections).
+        self.routed_masks: dict[int, tf.Tensor] = {}
 
     def records(self, layer: keras.layers.Layer) -> bool:
         return id(layer) in self._ids
@@ -139,12 +146,15 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
         current = _recording_of(layer)
         if current is None:
             return original_call(inputs, *args, **kwargs)
+        mask = current.routed_masks.get(id(layer))
+        if mask is None:
+            mask = masks.call_mask(layer, inputs, kwargs.get("mask"))
         if compute is not None:
             s, intermediates = compute(layer, inputs)
             activation = getattr(layer, "activation", None)
             output = activation(s) if activation is not None else s
             name = getattr(activation, "__name__", None)
-            current.add(layer, LayerCall(inputs, s, output, name, tuple(intermediates)))
+            current.add(layer, LayerCall(inputs, s, output, name, tuple(intermediates), mask))
             return output
         activation = getattr(layer, "activation", None)
         if activation is None:  # no activation to separate: the output is s
@@ -157,7 +167,7 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
                 object.__setattr__(layer, "activation", activation)
         output = activation(preactivation) if activation is not None else preactivation
         name = getattr(activation, "__name__", None)
-        current.add(layer, LayerCall(inputs, preactivation, output, name))
+        current.add(layer, LayerCall(inputs, preactivation, output, name, mask=mask))
         return output
 
     _replace(layer, "call", call)
@@ -203,3 +213,31 @@ def unwrap_layer(layer: keras.layers.Layer) -> None:
     for name in vars(layer)[_WRAPPED_MARK]:
         object.__delattr__(layer, name)
     object.__delattr__(layer, _WRAPPED_MARK)
+
+
+def wrap_attention(layer: keras.layers.Layer) -> None:
+    """Hands a MultiHeadAttention's masks to its projections inside a recording.
+
+    `MultiHeadAttention.call` removes the Keras masks of its query, value and
+    key before projecting them; while recording, this wrapper reads them first
+    (`masks.attention_masks`) so that the projections' calls record them.
+    Outside a recording it is the layer's own `call`.
+    """
+    if is_wrapped(layer):
+        return
+    original_call = layer.call
+    signature = inspect.signature(original_call)
+
+    def call(*args, **kwargs):
+        current = active_recording()
+        if current is None or internals.in_symbolic_build():
+            return original_call(*args, **kwargs)
+        routed = masks.attention_masks(layer, signature.bind(*args, **kwargs).arguments)
+        previous = dict(current.routed_masks)
+        current.routed_masks.update(routed)
+        try:
+            return original_call(*args, **kwargs)
+        finally:
+            current.routed_masks = previous
+
+    _replace(layer, "call", call)

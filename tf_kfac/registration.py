@@ -12,7 +12,7 @@ from typing import Any
 import keras
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac import loss_scaling
+from tf_kfac import capture, loss_scaling
 from tf_kfac.blocks import block_type_for
 from tf_kfac.losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLossError, resolve_loss
 
@@ -45,7 +45,8 @@ class Registration:
 
     def register(self, model: keras.Model, loss: Any, fisher: str, adaptive: bool) -> None:
         """Reads the loss and wraps the calls of every layer that has a block kind."""
-        candidates = [layer for layer in internals.flatten_layers(model) if block_type_for(layer)]
+        layers = internals.flatten_layers(model)
+        candidates = [layer for layer in layers if block_type_for(layer)]
         if not candidates:
             raise ValueError(
                 f"KFAC found no layer with a curvature block (Dense, EinsumDense, a "
@@ -64,6 +65,9 @@ class Registration:
         self.loss_given = loss
         for layer in candidates:
             block_type_for(layer).record_calls(layer)
+        for layer in layers:  # they hide their inputs' masks from their projections
+            if isinstance(layer, keras.layers.MultiHeadAttention):
+                capture.wrap_attention(layer)
         self.candidates = candidates
         self.model = weakref.ref(model)
         self.registered = True

@@ -21,10 +21,15 @@ class ConvBlock(KroneckerBlock):
     Σₜ āāᵀ, Γ = (1/B) Σᵢ (1/|T|) Σₜ ggᵀ). A convolution whose kernel covers its
     whole input (one output position) gives exactly the factors of the
     equivalent Dense layer. channels_first inputs are moved to channels_last;
-    Conv1D's causal padding is applied as Keras applies it, on the left.
+    Conv1D's causal padding is applied as Keras applies it, on the left. A Keras
+    mask on the input is ignored, as Keras ignores it (it drops the mask).
     """
 
     kind = "conv"
+    # Keras convolutions do not support masking: a mask reaching one is dropped
+    # (with Keras's warning), the convolution runs over every position and the
+    # layers after it see no mask, so every output position counts.
+    masks_positions = False
 
     def __init__(self, layer):
         super().__init__(layer)

@@ -22,6 +22,11 @@ def _split(equation: str) -> tuple[str, str, str]:
     return lhs, kernel, output
 
 
+def _strip(spec: str) -> str:
+    """`spec` without its "..."."""
+    return spec.replace("...", "")
+
+
 def _expand(spec: str, rank: int | None) -> str:
     """`spec` with "..." replaced by one fresh upper-case label per elided axis."""
     if "..." not in spec:
@@ -76,10 +81,20 @@ class EinsumDenseBlock(KroneckerBlock):
         return super().obstacle(layer, trainable_ids)
 
     def _rows(self, tensor: tf.Tensor, spec: str, feature_labels: list[str], size: int):
+        elided = tensor.shape.rank - len(_strip(spec))
         spec = _expand(spec, tensor.shape.rank)
-        positions = [c for c in spec if c not in self._kernel_labels]
+        # The positions in the input's order, so that the input's and the
+        # output's rows (and a mask over the input's positions) line up.
+        lhs = _expand(self._lhs, elided + len(_strip(self._lhs)))
+        positions = sorted((c for c in spec if c not in self._kernel_labels),
+                           key=lambda c: lhs.index(c) if c in lhs else len(lhs))
         perm = [spec.index(c) for c in positions + feature_labels]
         return tf.reshape(tf.transpose(tensor, perm), [tf.shape(tensor)[0], -1, size])
+
+    def position_axes(self, input_rank):
+        """The input's leading axes before its first contracted one."""
+        spec = _expand(self._lhs, input_rank)
+        return next(i for i, c in enumerate(spec) if c in self._kernel_labels)
 
     def input_rows(self, inputs):
         return self._rows(inputs, self._lhs, self.contracted, self.input_size - int(self.has_bias))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_kfac import masks
 from tf_kfac.blocks.base import CurvatureBlock
 from tf_kfac.blocks.kronecker import FactorPair
 from tf_kfac.linalg import damped_inverse, pi_from_means
@@ -15,7 +16,9 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
     The one-hot rows make A diagonal, the token counts A_vv = Σᵢ wᵢ Σₜ [xᵢₜ = v] / Σᵢ wᵢ
     (a vector of the vocabulary size, never a vocab × vocab matrix); G is dense over
     the embedding dimension, G = (1/B) Σᵢ (1/T) Σₜ ggᵀ over the positions (the expand
-    flavour). The damped inverse of the diagonal A is elementwise.
+    flavour). The damped inverse of the diagonal A is elementwise. Padded positions
+    (a Keras mask on the ids, or id 0 with `mask_zero=True`) are not counted and add
+    nothing to G, whose T is then each example's number of real positions.
     """
 
     kind = "embedding"
@@ -49,26 +52,43 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
     def refresh_cost(self) -> float:
         return float(self.vocabulary) + float(self.output_size) ** 3
 
+    def _mask(self, call) -> tf.Tensor | None:
+        """(examples, positions) float32 of the call's real positions, or None."""
+        if call.mask is None:
+            return None
+        ids = call.inputs
+        full = masks.broadcast_to_input(call.mask, tf.zeros_like(ids, tf.float32), self.name)
+        return tf.reshape(full, [tf.shape(ids)[0], -1])
+
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        """Counts and G over the real positions only (a Keras mask, `mask_zero`)."""
         batch = tf.cast(batch_size, tf.float32)
         counts = tf.zeros([self.vocabulary], tf.float32)
-        for call in calls:
+        call_masks = [self._mask(call) for call in calls]
+        for call, mask in zip(calls, call_masks, strict=True):
             ids = tf.reshape(tf.cast(call.inputs, tf.int32), [tf.shape(call.inputs)[0], -1])
-            weights = tf.ones_like(ids, tf.float32)
+            weights = tf.ones_like(ids, tf.float32) if mask is None else mask
             if example_weights is not None:
                 weights *= tf.cast(example_weights, tf.float32)[:, None]
             counts += tf.math.unsorted_segment_sum(
                 tf.reshape(weights, [-1]), tf.reshape(ids, [-1]), self.vocabulary)
         total = batch if example_weights is None else tf.reduce_sum(example_weights)
         a = tf.math.divide_no_nan(counts, tf.cast(total, tf.float32))
+        mask = None
+        if any(m is not None for m in call_masks):
+            parts = [tf.ones(tf.shape(tf.reshape(c.inputs, [tf.shape(c.inputs)[0], -1])))
+                     if m is None else m for c, m in zip(calls, call_masks, strict=True)]
+            mask = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
         g = 0.0
         for grads in output_gradients:
             rows = [tf.reshape(tf.cast(gr[-1], tf.float32), [tf.shape(gr[-1])[0], -1,
                                                             self.output_size]) for gr in grads]
             rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-            positions = tf.cast(tf.shape(rows)[1], tf.float32)
+            weights = masks.expand_g_weights(mask, tf.shape(rows)[1])
+            if mask is not None:
+                weights = tf.reshape(weights, [-1, 1])
             rows = tf.reshape(rows, [-1, self.output_size])
-            g += tf.matmul(rows, rows, transpose_a=True) * (g_scale / (batch * positions))
+            g += tf.matmul(rows * weights, rows, transpose_a=True) * (g_scale / batch)
         return [a, g]
 
     def refresh(self, statistics, gamma):

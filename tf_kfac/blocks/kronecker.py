@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import masks
 from tf_kfac.blocks.base import CurvatureBlock, add_state
 from tf_kfac.linalg import factored_tikhonov_inverses
 
@@ -63,6 +64,9 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
     - `"reduce"`: A = (1/B) Σᵢ āᵢāᵢᵀ with āᵢ the mean over positions and G =
       (1/B) Σᵢ ĝᵢĝᵢᵀ with ĝᵢ the sum over positions, exact when the positions are
       pooled before the loss; its statistics cost T times less.
+
+    Positions that a Keras mask marks as padding enter neither factor (T then
+    counts an example's real positions).
 
     With the row-major vectorisation of W̄ the Fisher block is ≈ kron(A, G).
     Subclasses say how a layer input becomes rows (`input_rows`) and, if not by
@@ -122,32 +126,71 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         grads = tf.cast(preactivation_grads, tf.float32)
         return tf.reshape(grads, [tf.shape(grads)[0], -1, self.output_size])
 
-    def _input_rows(self, calls) -> tf.Tensor:
+    # Whether the statistics follow the calls' Keras masks (ConvBlock: no).
+    masks_positions = True
+
+    def position_axes(self, input_rank: int) -> int:
+        """How many leading axes of an input of this rank are examples and positions."""
+        return input_rank - 1
+
+    def _mask(self, calls) -> tf.Tensor | None:
+        """(examples, positions) float32, 1 at a real position; None when all are.
+
+        The positions are those of `input_rows`, concatenated over the calls; a
+        call without a mask has only real positions.
+        """
+        if not self.masks_positions or all(call.mask is None for call in calls):
+            return None
+        parts = []
+        for call in calls:
+            inputs = tf.cast(call.inputs, tf.float32)
+            if call.mask is None:
+                full = tf.ones_like(inputs)
+            else:
+                masks.check_positions_only(call.mask, self.position_axes(inputs.shape.rank),
+                                           self.name)
+                full = masks.broadcast_to_input(call.mask, inputs, self.name)
+            parts.append(self.input_rows(full)[..., 0])
+        return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def _input_rows(self, calls, mask=None) -> tf.Tensor:
         rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
         if self.weight_sharing == "reduce":
-            rows = tf.reduce_mean(rows, axis=1, keepdims=True)
+            rows = masks.masked_mean(rows, mask)
+        elif mask is not None:
+            rows *= mask[..., None]
         if self.has_bias:
-            rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
+            ones = tf.ones_like(rows[..., :1])
+            if mask is not None:  # a masked position (an empty example) has no 1 either
+                ones = (mask[..., None] if self.weight_sharing == "expand"
+                        else tf.reduce_max(mask, axis=1)[:, None, None])
+            rows = tf.concat([rows, ones], axis=-1)
         return rows
 
-    def _output_rows(self, grads) -> tf.Tensor:
+    def _output_rows(self, grads, mask=None) -> tf.Tensor:
         rows = [self.output_rows(g[-1]) for g in grads]  # the gradients at s
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
         if self.weight_sharing == "reduce":
+            if mask is not None:
+                rows *= mask[..., None]
             rows = tf.reduce_sum(rows, axis=1, keepdims=True)
         return rows
 
     # --------------------------------------------------------- statistics
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
-        """A = Σᵢ wᵢ Σₜ āāᵀ / Σᵢ wᵢ (or (1/B) Σ without weights), G = g_scale·(1/B)·Σ.
+        """A = Σᵢ wᵢ Σₜ mᵢₜāāᵀ / Σᵢ wᵢ (or (1/B) Σ without weights), G = g_scale·(1/B)·Σ.
 
         With the example weights wᵢ of the objective (1/B) Σ wᵢ ℓᵢ (sample and
         class weights), A is their weighted mean, so an example of weight 0 does
         not shape it; G carries the weights' scale, (1/B) Σ wᵢ gᵢgᵢᵀ, through the
-        estimator's gradients.
+        estimator's gradients. A Keras mask m removes the padded positions: with
+        `"expand"`, G = (1/B) Σᵢ (1/Tᵢ) Σₜ mᵢₜ gᵢₜgᵢₜᵀ with Tᵢ the real
+        positions of example i; with `"reduce"`, the mean input and the summed
+        gradient run over the real positions (docs/design.md §3).
         """
-        rows = self._input_rows(calls)
+        mask = self._mask(calls)
+        rows = self._input_rows(calls, mask)
         batch = tf.cast(batch_size, tf.float32)
         if example_weights is None:
             total = batch
@@ -159,10 +202,16 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         a = tf.math.divide_no_nan(tf.matmul(rows, rows, transpose_a=True), total)
         g = 0.0
         for grads in output_gradients:
-            out = self._output_rows(grads)
-            positions = tf.cast(tf.shape(out)[1], tf.float32)
-            out = tf.reshape(out, [-1, self.output_size])
-            g += tf.matmul(out, out, transpose_a=True) * (g_scale / (batch * positions))
+            out = self._output_rows(grads, mask)
+            if mask is None or self.weight_sharing == "reduce":
+                positions = tf.cast(tf.shape(out)[1], tf.float32)
+                out = tf.reshape(out, [-1, self.output_size])
+                g += tf.matmul(out, out, transpose_a=True) * (g_scale / (batch * positions))
+            else:
+                weighted = out * masks.expand_g_weights(mask, tf.shape(out)[1])[..., None]
+                g += tf.matmul(tf.reshape(weighted, [-1, self.output_size]),
+                               tf.reshape(out, [-1, self.output_size]),
+                               transpose_a=True) * (g_scale / batch)
         return [a, g]
 
     def refresh(self, statistics, gamma):

@@ -7,6 +7,7 @@ import math
 import keras
 import tensorflow as tf
 
+from tf_kfac import masks
 from tf_kfac.blocks.base import CurvatureBlock, add_state
 from tf_kfac.linalg import damped_inverse
 
@@ -20,7 +21,9 @@ class ScaleShiftBlock(CurvatureBlock):
     factorisation (1 × 1 with `center=False` or `scale=False`); the blocks of
     different units are taken as zero. x̂ uses the layer's statistics of the step:
     the example's own (LayerNormalization) or the batch's (BatchNormalization
-    in training; its moving statistics are not trained and get no curvature).
+    in training; its moving statistics are not trained and get no curvature). The
+    positions a Keras mask marks as padding are left out of the sums (and out of
+    BatchNormalization's moments, as Keras leaves them out).
     """
 
     kind = "scale_shift"
@@ -73,14 +76,25 @@ class ScaleShiftBlock(CurvatureBlock):
         axis = self._layer.axis
         return sorted(a % rank for a in ([axis] if isinstance(axis, int) else axis))
 
-    def normalised(self, inputs: tf.Tensor) -> tf.Tensor:
-        """x̂, in float32, as the layer computes it in a training step."""
+    def normalised(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """x̂, in float32, as the layer computes it in a training step.
+
+        `mask` (float32, of the input's shape) is the call's Keras mask:
+        BatchNormalization then takes its moments over the real positions, as
+        Keras does (with its ε in the weights' sum).
+        """
         x = tf.cast(inputs, tf.float32)
         axes = self._axes(x.shape.rank)
         epsilon = self._layer.epsilon
         if self.batch_normalization:
             reduce = [a for a in range(x.shape.rank) if a not in axes]
-            mean, variance = tf.nn.moments(x, reduce, keepdims=True)
+            if mask is None:
+                mean, variance = tf.nn.moments(x, reduce, keepdims=True)
+            else:
+                count = tf.reduce_sum(mask, reduce, keepdims=True) + keras.config.epsilon()
+                mean = tf.reduce_sum(x * mask, reduce, keepdims=True) / count
+                variance = tf.reduce_sum(tf.square((x - mean) * mask), reduce,
+                                         keepdims=True) / count
             return (x - mean) * tf.math.rsqrt(variance + epsilon)
         if getattr(self._layer, "rms_scaling", False):
             return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axes, keepdims=True) + epsilon)
@@ -95,13 +109,25 @@ class ScaleShiftBlock(CurvatureBlock):
         moved = tf.transpose(tensor, [0, *others, *axes])
         return tf.reshape(moved, [tf.shape(tensor)[0], -1, self.units])
 
+    def _mask(self, call) -> tf.Tensor | None:
+        """The call's Keras mask as float32 of the input's shape, or None."""
+        if call.mask is None:
+            return None
+        return masks.broadcast_to_input(call.mask, call.inputs, self.name)
+
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
-        normalised = [self._units_last(self.normalised(call.inputs)) for call in calls]
+        """F_i = g_scale·(1/B) Σ ĝĝᵀ, ĝ summed over the real positions only."""
+        call_masks = [self._mask(call) for call in calls]
+        normalised = [self._units_last(self.normalised(call.inputs, mask))
+                      for call, mask in zip(calls, call_masks, strict=True)]
+        unit_masks = [None if m is None else self._units_last(m) for m in call_masks]
         fisher = 0.0
         for grads in output_gradients:
             parts = []
-            for call_grads, x_hat in zip(grads, normalised, strict=True):
+            for call_grads, x_hat, mask in zip(grads, normalised, unit_masks, strict=True):
                 g = self._units_last(tf.cast(call_grads[-1], tf.float32))
+                if mask is not None:
+                    g *= mask
                 per_example = []
                 if self.has_scale:
                     per_example.append(tf.reduce_sum(g * x_hat, axis=1))
