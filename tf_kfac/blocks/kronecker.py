@@ -122,19 +122,20 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         grads = tf.cast(preactivation_grads, tf.float32)
         return tf.reshape(grads, [tf.shape(grads)[0], -1, self.output_size])
 
-    def _input_rows(self, calls) -> tf.Tensor:
+    def _input_rows(self, calls, shared: bool = True) -> tf.Tensor:
+        """(examples, positions, d_in) with the 1; `shared=False` skips "reduce"."""
         rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-        if self.weight_sharing == "reduce":
+        if shared and self.weight_sharing == "reduce":
             rows = tf.reduce_mean(rows, axis=1, keepdims=True)
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
         return rows
 
-    def _output_rows(self, grads) -> tf.Tensor:
+    def _output_rows(self, grads, shared: bool = True) -> tf.Tensor:
         rows = [self.output_rows(g[-1]) for g in grads]  # the gradients at s
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-        if self.weight_sharing == "reduce":
+        if shared and self.weight_sharing == "reduce":
             rows = tf.reduce_sum(rows, axis=1, keepdims=True)
         return rows
 
@@ -147,7 +148,12 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         not shape it; G carries the weights' scale, (1/B) Σ wᵢ gᵢgᵢᵀ, through the
         estimator's gradients.
         """
-        rows = self._input_rows(calls)
+        outs = [self._output_rows(grads) for grads in output_gradients]
+        return self._factors(self._input_rows(calls), outs, batch_size, g_scale,
+                             example_weights)
+
+    def _factors(self, rows, outs, batch_size, g_scale, example_weights) -> list[tf.Tensor]:
+        """[A, G] from the input rows and each gradient set's output rows."""
         batch = tf.cast(batch_size, tf.float32)
         if example_weights is None:
             total = batch
@@ -158,8 +164,7 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         rows = tf.reshape(rows, [-1, self.input_size])
         a = tf.math.divide_no_nan(tf.matmul(rows, rows, transpose_a=True), total)
         g = 0.0
-        for grads in output_gradients:
-            out = self._output_rows(grads)
+        for out in outs:
             positions = tf.cast(tf.shape(out)[1], tf.float32)
             out = tf.reshape(out, [-1, self.output_size])
             g += tf.matmul(out, out, transpose_a=True) * (g_scale / (batch * positions))
