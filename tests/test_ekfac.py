@@ -1,4 +1,4 @@
-"""EKFAC (`curvature="ekfac"`) against dense NumPy oracles (docs/design.md, oracles 11–13).
+"""EKFAC (`curvature="ekfac"`) against dense NumPy oracles (docs/design.md, oracles 13–15, §7).
 
 The oracles never use tf_kfac: the per-example gradients come from Jacobians of
 the per-example losses (`tf.GradientTape.jacobian`), the factors A and G from
@@ -135,7 +135,7 @@ def test_blocks_are_the_ekfac_variants(run):
 
 
 def test_second_moments_are_the_fisher_diagonal_in_the_eigenbasis(run):
-    """Oracle 11, the eigenbasis property: S after step 1 equals diag(Qᵀ F Q) for
+    """Oracle 13, the eigenbasis property: S after step 1 equals diag(Qᵀ F Q) for
     the Jacobian Fisher at θ₁ and Q the NumPy eigenbasis of (A₀, G₀); that
     diagonal is the Frobenius-closest to F among matrices diagonal in Q.
     Negative controls: K-FAC's λ_A ⊗ λ_G, a perturbed S and S in another basis
@@ -168,7 +168,7 @@ def test_second_moments_are_the_fisher_diagonal_in_the_eigenbasis(run):
 
 
 def test_ekfac_reduces_to_kfac_when_the_moments_are_the_eigenvalue_products(run):
-    """Oracle 12: with S = λ_A ⊗ λ_G and no damping the EKFAC direction is
+    """Oracle 14: with S = λ_A ⊗ λ_G and no damping the EKFAC direction is
     A⁻¹ ∇ G⁻¹ (dense NumPy solve with the NumPy factors of θ₀); with the measured
     S (negative control) it is not."""
     model, opt, states = run
@@ -212,7 +212,7 @@ def test_right_after_a_refresh_the_scaling_is_the_eigenvalue_products(rng):
 
 
 def test_one_step_equals_the_dense_numpy_ekfac_update(run):
-    """Oracle 13: W̄₂ − W̄₁ = −lr·U_A[(U_Aᵀ ∇ U_G) / (S + δ)]U_Gᵀ with NumPy's
+    """Oracle 15: W̄₂ − W̄₁ = −lr·U_A[(U_Aᵀ ∇ U_G) / (S + δ)]U_Gᵀ with NumPy's
     eigenbasis of (A₀, G₀), S and ∇ from the Jacobians at θ₁, δ = damping; and
     W̄₁ − W̄₀ uses λ_A ⊗ λ_G + δ. Negative control: step 1 with λ_A ⊗ λ_G."""
     _, _, states = run
@@ -230,6 +230,39 @@ def test_one_step_equals_the_dense_numpy_ekfac_update(run):
         wrong = -LR * _ekfac_direction(grad1, u_a, u_g, kfac)
         assert _rel(wrong, step1) > 1e-2
         assert _rel(w2[layer] - w1[layer], wrong) > 1e-2
+
+
+def test_second_moments_restart_in_a_new_basis(rng):
+    """S averages the batches measured in one basis (mean first, as the factors'
+    debiasing) and restarts after a refresh changed the basis. Negative control:
+    the average continued across the change."""
+    x, y = _data(rng)
+    model = _mlp()
+    opt = tf_kfac.KFAC(fisher="empirical", factor_decay=0.95, factor_update_interval=1,
+                       inverse_update_interval=2, curvature="ekfac", seed=0)
+    opt.attach(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    block = opt._blocks[0]
+
+    def batch_moments():  # this batch's S in the stored basis, from the Jacobians
+        u_a = np.asarray(block.a_basis, np.float64)
+        u_g = np.asarray(block.g_basis, np.float64)
+        per_example = _per_example_gradients(model, x, y)[0]
+        return np.mean(np.einsum("ji,bjk,kl->bil", u_a, per_example, u_g) ** 2, axis=0)
+
+    opt.step(x, y)  # iteration 0: refresh, basis 1
+    s1 = batch_moments()
+    opt.step(x, y)  # iteration 1: the first batch in basis 1
+    assert _rel(block.second_moments, s1) < 1e-4
+    s2 = batch_moments()
+    opt.step(x, y)  # iteration 2: two batches in basis 1, then refresh, basis 2
+    assert _rel(block.second_moments, (s1 + s2) / 2) < 1e-4
+    assert (float(block.moments_basis.numpy()), float(block.basis.numpy())) == (1.0, 2.0)
+    s3 = batch_moments()
+    opt.step(x, y)  # iteration 3: the first batch in basis 2
+    assert _rel(block.second_moments, s3) < 1e-4
+    assert float(block.moments_count.numpy()) == 1.0
+    continued = (2 / 3) * (s1 + s2) / 2 + s3 / 3
+    assert _rel(continued, s3) > 1e-2 and _rel(block.second_moments, continued) > 1e-2
 
 
 # -------------------------------------------- per-example gradients, sharing
