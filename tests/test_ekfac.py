@@ -345,15 +345,23 @@ def test_fit_trains_with_ekfac(rng):
             assert np.all(np.isfinite(variable.numpy())), variable.path
 
 
-def test_adaptive_mode_trains_with_ekfac(rng):
+@pytest.mark.parametrize("adapt_gamma", [False, True])
+def test_adaptive_mode_trains_with_ekfac(adapt_gamma, rng):
+    """The adaptive rule sees only directions: EKFAC's work there, and with
+    `adapt_gamma` each γ candidate's refresh stores its own δ = γ²."""
     x, y = _data(rng, 256)
     model = _mlp()
-    opt = tf_kfac.KFAC(curvature="ekfac", adaptive=True, seed=0)
+    opt = tf_kfac.KFAC(curvature="ekfac", adaptive=True, adapt_gamma=adapt_gamma,
+                       gamma_adaptation_interval=4, seed=0)
     model.compile(optimizer=opt,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, batch_size=64, epochs=6, verbose=0).history
     assert history["loss"][-1] < 0.8 * history["loss"][0]
     assert int(opt._kfac.state.skipped_steps.numpy()) == 0
+    if adapt_gamma:  # γ changes only on the steps that choose it, which refresh
+        gamma = float(opt._kfac.state.gamma.numpy())  # relative to √c, c = 1
+        for block in opt._blocks:
+            np.testing.assert_allclose(float(block.damping.numpy()), gamma ** 2, rtol=1e-5)
 
 
 def test_a_non_finite_eigendecomposition_keeps_the_previous_basis(monkeypatch, rng):
