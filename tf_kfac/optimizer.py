@@ -128,9 +128,8 @@ class KFAC(keras.optimizers.Optimizer):
         seed: int seed of the sampled targets; `None` draws one. The seed is kept
             in the config and in the optimizer's state, so a reloaded or restored
             optimizer continues the same draws.
-        curvature: `"kfac"` (default), or `"ekfac"`: the Kronecker blocks use A's
-            and G's eigenbasis with the measured second moments of the projected
-            per-example gradients (George et al., NeurIPS 2018; docs/design.md).
+        curvature: `"kfac"` (default) or `"ekfac"`: EKFAC's rescaling of the Kronecker
+            blocks in their eigenbasis (George et al., NeurIPS 2018; docs/design.md §7).
         weight_decay, clipnorm, clipvalue, global_clipnorm, name: as for every
             Keras optimizer; clipping applies to the final update directions.
 
