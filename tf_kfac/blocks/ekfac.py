@@ -90,12 +90,12 @@ class EigenbasisRescaling:
         moments = 0.0
         for out in outs:
             g_proj = tf.einsum("bto,op->btp", out, g_basis)
-            if rows.shape[1] == 1 and out.shape[1] == 1:
-                moments += tf.matmul(tf.square(a_proj[:, 0]), tf.square(g_proj[:, 0]),
-                                     transpose_a=True)
-            else:
-                per_example = tf.einsum("bti,btp->bip", a_proj, g_proj)
-                moments += tf.reduce_sum(tf.square(per_example), axis=0)
+            moments += tf.cond(  # the number of positions is rarely known statically
+                tf.equal(tf.shape(a_proj)[1], 1),
+                lambda g_proj=g_proj: tf.matmul(tf.square(a_proj[:, 0]),
+                                                tf.square(g_proj[:, 0]), transpose_a=True),
+                lambda g_proj=g_proj: tf.reduce_sum(
+                    tf.square(tf.einsum("bti,btp->bip", a_proj, g_proj)), axis=0))
         moments *= g_scale / tf.cast(batch_size, tf.float32)
         return [*factors, moments, tf.convert_to_tensor(self.basis), tf.ones([])]
 
