@@ -265,6 +265,44 @@ def test_second_moments_restart_in_a_new_basis(rng):
     assert _rel(continued, s3) > 1e-2 and _rel(block.second_moments, continued) > 1e-2
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_second_moments_carry_the_sample_weights_once(fisher, rng):
+    """With sample weights wᵢ (zeros and fractions), S = (1/B) Σᵢ wᵢ (U_Aᵀ ∇W̄ᵢ U_G)²
+    over the examples' gradients of −log p, as F carries them. For "empirical"
+    ∇W̄ᵢ is the real target's gradient; for "exact" (one backward pass per column
+    of the softmax Hessian's square root) the sum over the columns: for the
+    logits layer, whose Jacobian is āᵢ ⊗ I, the diagonal in Q of
+    kron(āᵢāᵢᵀ, diag(pᵢ) − pᵢpᵢᵀ). Negative controls: no weights, and w².
+    """
+    x, y = _data(rng, 32)
+    weights = rng.choice([0.0, 0.5, 1.0, 2.0], size=32).astype("float32")
+    model = _mlp()
+    opt = tf_kfac.KFAC(fisher=fisher, factor_decay=0.0, factor_update_interval=1,
+                       curvature="ekfac", seed=0)
+    opt.attach(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    opt.step(x, y, sample_weight=weights)
+    block = opt._blocks[1]  # the logits layer: its Jacobian is its input row
+    u_a = np.asarray(block.a_basis, np.float64)
+    u_g = np.asarray(block.g_basis, np.float64)
+    a = _layer_inputs(model, x)[1]
+    if fisher == "empirical":
+        p = np.asarray(tf.nn.softmax(model(x)), np.float64)
+        g = p - np.eye(3)[y]  # ∂(−log p(yᵢ))/∂zᵢ; ∇W̄ᵢ = āᵢgᵢᵀ
+        squares = np.einsum("ji,bj,bk,kl->bil", u_a, a, g, u_g) ** 2
+    else:
+        p = np.asarray(tf.nn.softmax(model(x)), np.float64)
+        squares = np.zeros((32, *block.second_moments.shape))
+        for i in range(32):  # Fisher of example i: kron(aaᵀ, diag(p) − ppᵀ), diagonal in Q
+            hess = np.diag(p[i]) - np.outer(p[i], p[i])
+            squares[i] = np.outer((u_a.T @ a[i]) ** 2, np.diag(u_g.T @ hess @ u_g))
+    opt.step(x, y, sample_weight=weights)  # S in the basis read above, at these weights
+    measured = np.asarray(block.second_moments, np.float64)
+    expected = np.mean(weights[:, None, None] * squares, axis=0)
+    assert _rel(measured, expected) < 1e-3
+    assert _rel(measured, squares.mean(0)) > 1e-2
+    assert _rel(measured, np.mean(weights[:, None, None] ** 2 * squares, axis=0)) > 1e-2
+
+
 # -------------------------------------------- per-example gradients, sharing
 def _shared_model(kind):
     """A model whose first layer shares its weights over positions, and its input shape."""
