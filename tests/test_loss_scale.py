@@ -62,6 +62,7 @@ def weight_error(weights, reference):
 MODES = {
     "fixed": {},
     "adaptive": {"adaptive": True},
+    "ekfac": {"curvature": "ekfac", "factor_update_interval": 2, "inverse_update_interval": 6},
 }
 ESTIMATORS = ["sampled", "exact", "empirical"]
 _REFERENCE: dict = {}

@@ -1,4 +1,4 @@
-"""Keras masks in the curvature statistics (docs/design.md §3 "Masks", §6 oracle 13).
+"""Keras masks in the curvature statistics (docs/design.md §3 "Masks", §6 oracle 14).
 
 A padded position (Embedding(mask_zero=True), keras.layers.Masking, a mask passed to a
 layer) contributes to no factor: padding the same real tokens to more positions changes

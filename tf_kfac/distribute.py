@@ -34,8 +34,15 @@ SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",
                         "OneDeviceStrategy", "the default (no) strategy")
 
 
-def check_strategy(strategy: tf.distribute.Strategy, adapt_gamma: bool = False) -> None:
+def check_strategy(strategy: tf.distribute.Strategy, adapt_gamma: bool = False,
+                   curvature: str = "kfac") -> None:
     """Raises a clear error for strategies K-FAC has not been built for."""
+    if curvature == "ekfac" and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "KFAC(curvature='ekfac') is not supported with more than one replica yet: its "
+            "preconditioner follows the replica-local moving averages of the rescaling "
+            "at every step, which are averaged across replicas only when the factors "
+            "refresh. Use curvature='kfac' or train on one device.")
     if adapt_gamma and strategy.num_replicas_in_sync > 1:
         raise ValueError(
             "KFAC(adapt_gamma=True) is not supported with more than one replica yet: "

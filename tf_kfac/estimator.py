@@ -165,12 +165,17 @@ class CurvatureEstimator:
 
     # ------------------------------------------------------- precondition
     def directions(self, grads: Sequence[tf.Tensor | None], refreshed: Nested,
-                   loss_scale: tf.Tensor) -> list[tf.Tensor | None]:
-        """V: every block's preconditioned gradient, one per trainable variable."""
-        values = iter(refreshed)
+                   loss_scale: tf.Tensor, statistics: Nested) -> list[tf.Tensor | None]:
+        """V: every block's preconditioned gradient, one per trainable variable.
+
+        `statistics` are the current moving averages, which a block may use
+        besides its refreshed values (`CurvatureBlock.preconditioner`).
+        """
+        values, averages = iter(refreshed), iter(statistics)
         directions: list[tf.Tensor | None] = [None] * self._size
         for block, positions in zip(self.blocks, self._positions, strict=True):
-            block_refreshed = next(values) if block.layer is not None else []
+            block_refreshed = (block.preconditioner(next(values), next(averages))
+                               if block.layer is not None else [])
             block_grads = [grads[i] for i in positions]
             if any(g is None for g in block_grads):
                 continue

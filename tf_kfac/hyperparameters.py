@@ -9,7 +9,7 @@ from typing import Any
 
 import keras
 
-from tf_kfac.blocks import WEIGHT_SHARING
+from tf_kfac.blocks import CURVATURES, WEIGHT_SHARING
 
 FISHER_ESTIMATORS = ("sampled", "empirical", "exact")
 FIXED_DAMPING = 3e-4
@@ -21,7 +21,7 @@ NAMES = (
     "momentum", "damping", "l2_reg", "fisher", "factor_decay", "factor_update_interval",
     "inverse_update_interval", "kl_clip", "weight_sharing", "adaptive", "adapt_gamma",
     "quadratic_model_fraction", "damping_adaptation_interval", "gamma_adaptation_interval",
-    "min_damping", "max_damping", "seed",
+    "min_damping", "max_damping", "seed", "curvature",
 )
 SCHEDULABLE = ("momentum", "damping")
 
@@ -110,6 +110,10 @@ def validate(learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm,
     if s["kl_clip"] is not None:
         s["kl_clip"] = _number("kl_clip", s["kl_clip"], 0.0, None, closed_low=False)
     s["weight_sharing"] = _weight_sharing(s["weight_sharing"])
+    if not isinstance(s["curvature"], str) or s["curvature"] not in CURVATURES:
+        raise ValueError(
+            f"`curvature` must be one of {', '.join(map(repr, CURVATURES))} (K-FAC, or its "
+            f"eigenbasis rescaling EKFAC); received curvature={s['curvature']!r}.")
     fraction = _number("quadratic_model_fraction", s["quadratic_model_fraction"], 0.0, None,
                        closed_low=False)
     if fraction > 1:

@@ -129,6 +129,8 @@ class KFAC(keras.optimizers.Optimizer):
         seed: int seed of the sampled targets; `None` draws one. The seed is kept
             in the config and in the optimizer's state, so a reloaded or restored
             optimizer continues the same draws.
+        curvature: `"kfac"` (default) or `"ekfac"`: EKFAC's rescaling of the Kronecker
+            blocks in their eigenbasis (George et al., NeurIPS 2018; docs/design.md §7).
         weight_decay, clipnorm, clipvalue, global_clipnorm, name: as for every
             Keras optimizer; clipping applies to the final update directions.
 
@@ -158,6 +160,7 @@ class KFAC(keras.optimizers.Optimizer):
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
         seed: int | None = None,
+        curvature: str = "kfac",
         weight_decay: float | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
@@ -212,7 +215,7 @@ class KFAC(keras.optimizers.Optimizer):
             self.build(model.trainable_variables)
 
     def _check_distribution(self) -> None:
-        distribute.check_strategy(tf.distribute.get_strategy(), self.adapt_gamma)
+        distribute.check_strategy(tf.distribute.get_strategy(), self.adapt_gamma, self.curvature)
 
     @property
     def _blocks(self):
@@ -232,8 +235,8 @@ class KFAC(keras.optimizers.Optimizer):
         self._check_distribution()
         layers = internals.flatten_layers(model)
         super().build(var_list)
-        estimator = CurvatureEstimator(blocks_for_model(layers, var_list, self.weight_sharing),
-                                       var_list)
+        estimator = CurvatureEstimator(blocks_for_model(
+            layers, var_list, self.weight_sharing, self.curvature), var_list)
         if not estimator.curvature_blocks:
             raise ValueError(
                 f"KFAC found no trainable layer with a curvature block in model "

@@ -140,7 +140,7 @@ def apply_update(
         return estimator.refresh(statistics, strength, when)
 
     def directions_from(refreshed):
-        return estimator.directions(grads, refreshed, loss_scale)
+        return estimator.directions(grads, refreshed, loss_scale, statistics)
 
     if not settings.adaptive:
         refreshed, failed = refresh_at(gamma, refresh)

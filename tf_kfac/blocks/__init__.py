@@ -16,6 +16,7 @@ from tf_kfac.blocks.conv import ConvBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
 from tf_kfac.blocks.einsum_dense import EinsumDenseBlock
+from tf_kfac.blocks.ekfac import CURVATURES, EigenbasisRescaling, block_for
 from tf_kfac.blocks.embedding import EmbeddingBlock
 from tf_kfac.blocks.kronecker import WEIGHT_SHARING, KroneckerBlock
 from tf_kfac.blocks.normalization import ScaleShiftBlock
@@ -42,11 +43,13 @@ _BLOCK_TYPES: list[tuple[type, type[CurvatureBlock]]] = [
 ]
 
 __all__ = [
+    "CURVATURES",
     "WEIGHT_SHARING",
     "ConvBlock",
     "CurvatureBlock",
     "DenseBlock",
     "DepthwiseConvBlock",
+    "EigenbasisRescaling",
     "EinsumDenseBlock",
     "EmbeddingBlock",
     "FirstOrderBlock",
@@ -91,12 +94,14 @@ def block_type_for(layer: keras.layers.Layer) -> type[CurvatureBlock] | None:
 
 def blocks_for_model(
     layers: Sequence[keras.layers.Layer], var_list: Sequence[keras.Variable],
-    weight_sharing: str | Mapping[str, str] = "expand",
+    weight_sharing: str | Mapping[str, str] = "expand", curvature: str = "kfac",
 ) -> list[CurvatureBlock]:
     """One block per registered layer kind, one first-order block per other variable.
 
     `weight_sharing` is the flavour of every Kronecker block that supports it,
     or a mapping from layer names to flavours ("expand" for the others).
+    `curvature="ekfac"` gives the Kronecker kinds that have one their EKFAC
+    variant (`blocks/ekfac.py`); the other kinds keep their blocks.
     The order of the blocks follows `var_list` (by the first variable of each
     block), so it depends only on the model, never on the order of calls.
     """
@@ -118,7 +123,7 @@ def blocks_for_model(
             for variable in layer.trainable_variables:
                 notes[id(variable)] = f"{type(layer).__name__} '{layer.name}': {reason}"
             continue
-        block = block_type(layer)
+        block = block_for(block_type, layer, curvature)
         _set_weight_sharing(block, layer, weight_sharing)
         for variable in block.variables:
             owner.setdefault(id(variable), block)

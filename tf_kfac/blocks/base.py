@@ -118,6 +118,13 @@ class CurvatureBlock(abc.ABC):
         """New values of `refreshed` from the statistics at damping strength γ."""
         return []
 
+    def preconditioner(self, refreshed: Sequence[tf.Tensor],
+                       statistics: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """What `precondition` receives as `refreshed`: by default the refreshed
+        values; a block whose preconditioner also follows its current moving
+        averages (EKFAC's rescaling) combines both here."""
+        return list(refreshed)
+
     @abc.abstractmethod
     def precondition(self, gradients: Sequence[tf.Tensor], refreshed: Sequence[tf.Tensor],
                      loss_scale: tf.Tensor) -> list[tf.Tensor]:

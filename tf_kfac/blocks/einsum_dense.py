@@ -80,6 +80,14 @@ class EinsumDenseBlock(KroneckerBlock):
                         f"'{''.join(free)}'")
         return super().obstacle(layer, trainable_ids)
 
+    @property
+    def positions_aligned(self) -> bool:
+        """Whether input and output list the shared positions in one order (EKFAC's
+        per-example gradients pair input row t with output row t)."""
+        def positions(spec):
+            return [c for c in spec.replace("...", "*") if c not in self._kernel_labels]
+        return positions(self._lhs) == positions(self._output)
+
     def _rows(self, tensor: tf.Tensor, spec: str, feature_labels: list[str], size: int):
         elided = tensor.shape.rank - len(_strip(spec))
         spec = _expand(spec, tensor.shape.rank)

@@ -153,25 +153,30 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
             parts.append(self.input_rows(full)[..., 0])
         return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
-    def _input_rows(self, calls, mask=None) -> tf.Tensor:
+    def _input_rows(self, calls, mask=None, shared: bool = True) -> tf.Tensor:
+        """(examples, positions, d_in) with the 1, masked positions zero; with
+        `"reduce"` (unless `shared=False`) the mean over the real positions."""
         rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-        if self.weight_sharing == "reduce":
+        reduce = shared and self.weight_sharing == "reduce"
+        if reduce:
             rows = masks.masked_mean(rows, mask)
         elif mask is not None:
             rows *= mask[..., None]
         if self.has_bias:
             ones = tf.ones_like(rows[..., :1])
             if mask is not None:  # a masked position (an empty example) has no 1 either
-                ones = (mask[..., None] if self.weight_sharing == "expand"
-                        else tf.reduce_max(mask, axis=1)[:, None, None])
+                ones = (tf.reduce_max(mask, axis=1)[:, None, None] if reduce
+                        else mask[..., None])
             rows = tf.concat([rows, ones], axis=-1)
         return rows
 
-    def _output_rows(self, grads, mask=None) -> tf.Tensor:
+    def _output_rows(self, grads, mask=None, shared: bool = True) -> tf.Tensor:
+        """Gradients at s as (examples, positions, d_out); with `"reduce"` (unless
+        `shared=False`) the sum over the real positions."""
         rows = [self.output_rows(g[-1]) for g in grads]  # the gradients at s
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-        if self.weight_sharing == "reduce":
+        if shared and self.weight_sharing == "reduce":
             if mask is not None:
                 rows *= mask[..., None]
             rows = tf.reduce_sum(rows, axis=1, keepdims=True)
