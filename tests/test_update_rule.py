@@ -272,7 +272,8 @@ def test_pi_adjustment_matches_its_definition(rng):
 
 def test_factor_and_inverse_intervals():
     """Factors change only on every factor_update_interval-th step (and the first),
-    inverses only on every inverse_update_interval-th step (and the first); the
+    inverses only once every inverse_update_interval steps, at the layer's phase (and
+    on the first); the
     skipped steps keep them exactly and still train the weights."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -297,12 +298,16 @@ def test_factor_and_inverse_intervals():
     a = [s[0] for s in snapshots]
     inv = [s[1] for s in snapshots]
     kernels = [s[2] for s in snapshots]
-    # Steps 0..5: factors refresh on steps 0 and 3, inverses on steps 0 and 4.
+    # Steps 0..5: factors refresh on steps 0 and 3. Inverses: every layer on step 0,
+    # then from step 4 on each at its phase of the interval of 4. The refresh costs (d³
+    # per factor) are 4³ + 4³ = 128 for this layer and 5³ + 2³ = 133 for the second,
+    # which, the larger, takes phase 0 (step 4); this one takes phase 1 (step 5).
     for step in range(1, 6):
         same_a = np.array_equal(a[step], a[step - 1])
         same_inv = np.array_equal(inv[step], inv[step - 1])
         assert same_a == (step != 3), step
-        assert same_inv == (step != 4), step
+        assert same_inv == (step != 5), step
         assert not np.array_equal(kernels[step], kernels[step - 1]), step
     assert int(opt._kfac.state.factor_updates.numpy()) == 2
-    assert int(opt._kfac.state.inverse_updates.numpy()) == 2
+    # Steps with a refresh: 0 (all), 4 (the second layer), 5 (this one).
+    assert int(opt._kfac.state.inverse_updates.numpy()) == 3

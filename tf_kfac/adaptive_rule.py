@@ -18,8 +18,9 @@ from tf_kfac import adaptive as qmodel
 from tf_kfac import distribute
 from tf_kfac.linalg import all_finite
 
-# (refreshed values, failed refreshes) at a γ, refreshing when the flag holds.
-Refresh = Callable[[tf.Tensor, "tf.Tensor | bool"], tuple[list, tf.Tensor]]
+# (refreshed values, failed refreshes) at a γ, refreshing the blocks whose flags hold
+# (one per block), or all of them or none (a Python bool).
+Refresh = Callable[[tf.Tensor, "list | bool"], tuple[list, tf.Tensor]]
 # The update directions V (one per variable) from refreshed values.
 Directions = Callable[[list], list]
 
@@ -57,7 +58,7 @@ class AdaptiveRule:
             loss: h(θ) on this batch.
             previous: δ₀, the previous update of each variable.
             damping: λ (relative to c); gamma: γ (absolute).
-            refresh: whether the refreshed values are due this step.
+            refresh: whether each block's refreshed values are due this step.
             ok: whether the step's inputs are finite.
             context: a `training.StepContext`.
             loss_scale: c.

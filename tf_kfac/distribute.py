@@ -101,31 +101,48 @@ def all_reduce(op: str, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
 
 def all_reduce_when(flag: tf.Tensor, op: str, compute: Callable[[], list[tf.Tensor]],
                     otherwise: Callable[[], list[tf.Tensor]]) -> list[tf.Tensor]:
-    """`all_reduce` of `compute()` on the steps where `flag` holds, else `otherwise()`.
+    """`all_reduce` of `compute()` on the steps where `flag` holds, else `otherwise()`."""
+    return all_reduce_each_when([flag], op, [compute], [otherwise])[0]
 
-    One flat collective that always runs: `compute()`'s tensors, concatenated,
-    when `flag` holds, and an empty tensor otherwise, so nothing but the call
-    crosses and `compute` costs nothing on the other steps. `flag` must be the
-    same on every replica; both functions return float32 tensors of the same
-    static shapes.
+
+def all_reduce_each_when(flags: Sequence[tf.Tensor], op: str,
+                         computes: Sequence[Callable[[], list[tf.Tensor]]],
+                         otherwise: Sequence[Callable[[], list[tf.Tensor]]]
+                         ) -> list[list[tf.Tensor]]:
+    """For each k, `all_reduce` of `computes[k]()` where `flags[k]` holds, else
+    `otherwise[k]()`.
+
+    One flat collective that always runs: the tensors of the parts whose flag
+    holds, concatenated (an empty tensor when none does), so nothing but the
+    call crosses and a part costs nothing on the steps it is not due. Each flag
+    must be the same on every replica; `computes[k]` and `otherwise[k]` return
+    float32 tensors of the same static shapes. With one replica, one `tf.cond`
+    per part.
     """
     if num_replicas() == 1:
-        return tf.cond(flag, compute, otherwise)
-    template: list[tf.TensorShape] = []
+        return [tf.cond(flag, compute, other)
+                for flag, compute, other in zip(flags, computes, otherwise, strict=True)]
+    templates: list[list[tf.TensorShape]] = [[] for _ in flags]
 
-    def payload():
-        tensors = [tf.convert_to_tensor(t, tf.float32) for t in compute()]
-        template.extend(t.shape for t in tensors)
-        return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+    def payload(k):
+        def send():
+            tensors = [tf.convert_to_tensor(t, tf.float32) for t in computes[k]()]
+            templates[k][:] = [t.shape for t in tensors]
+            return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+        return tf.cond(flags[k], send, lambda: tf.zeros([0], tf.float32))
 
-    sent = tf.cond(flag, payload, lambda: tf.zeros([0], tf.float32))
+    sent = tf.concat([payload(k) for k in range(len(flags))], 0)
     (reduced,) = all_reduce(op, [sent])
-
-    def unpack():
-        parts = tf.split(reduced, [shape.num_elements() for shape in template])
-        return [tf.reshape(part, shape) for part, shape in zip(parts, template, strict=True)]
-
-    return tf.cond(flag, unpack, otherwise)
+    sizes = [tf.where(flag, sum(shape.num_elements() for shape in template), 0)
+             for flag, template in zip(flags, templates, strict=True)]
+    parts = tf.split(reduced, tf.stack(sizes), num=len(flags))
+    out = []
+    for flag, part, template, other in zip(flags, parts, templates, otherwise, strict=True):
+        def unpack(part=part, template=template):
+            pieces = tf.split(part, [shape.num_elements() for shape in template])
+            return [tf.reshape(p, shape) for p, shape in zip(pieces, template, strict=True)]
+        out.append(tf.cond(flag, unpack, other))
+    return out
 
 
 def inverse_owners(costs: Sequence[float], replicas: int) -> list[int]:

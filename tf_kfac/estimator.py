@@ -29,15 +29,19 @@ class CurvatureEstimator:
     Args:
         blocks: every trainable variable's block, in the order of `var_list`.
         var_list: the optimizer's trainable variables.
+        refresh_interval: every block refreshes once per this many steps
+            (`inverse_update_interval`), at its own phase (`refresh_schedule`).
     """
 
-    def __init__(self, blocks: Sequence[CurvatureBlock], var_list: Sequence[keras.Variable]):
+    def __init__(self, blocks: Sequence[CurvatureBlock], var_list: Sequence[keras.Variable],
+                 refresh_interval: int = 1):
         self.blocks = list(blocks)
         self.curvature_blocks = [b for b in self.blocks if b.layer is not None]
         index = {id(v): i for i, v in enumerate(var_list)}
         self._positions = [[index[id(v)] for v in b.variables] for b in self.blocks]
         self._size = len(var_list)
         self.inversions: tf.Variable | None = None
+        self.refresh_interval = refresh_interval
 
     def build(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Creates every block's state, in block order (saved files rely on it)."""
@@ -108,54 +112,85 @@ class CurvatureEstimator:
             for v, value in zip(b.statistics, block_values, strict=True)])
 
     # ------------------------------------------------------------ refresh
+    def refresh_schedule(self) -> tuple[list[int], list[int]]:
+        """(phase, owner) of every curvature block's refresh.
+
+        Block k refreshes on the steps where iteration % refresh_interval
+        equals its phase: the blocks are spread over the interval's steps,
+        balanced by `refresh_cost` (largest first, to the least-loaded step), so
+        that no step pays for every block. With several replicas the blocks of
+        one phase are shared among them the same way, so the schedule, and the
+        training run, do not depend on the number of replicas. Deterministic:
+        every replica computes the same schedule.
+        """
+        costs = [b.refresh_cost for b in self.curvature_blocks]
+        phases = distribute.inverse_owners(costs, self.refresh_interval)
+        owners = [0] * len(costs)
+        replicas = distribute.num_replicas()
+        for phase in set(phases):
+            members = [k for k, p in enumerate(phases) if p == phase]
+            for k, owner in zip(members, distribute.inverse_owners(
+                    [costs[k] for k in members], replicas), strict=True):
+                owners[k] = owner
+        return phases, owners
+
+    def refresh_due(self, iteration: tf.Tensor, everything: tf.Tensor) -> list[tf.Tensor]:
+        """Whether each block refreshes this step: all of them when `everything` (the
+        first refresh), and from step `refresh_interval` on, each at its phase."""
+        phases, _ = self.refresh_schedule()
+        iteration = tf.cast(iteration, tf.int64)
+        started = iteration >= self.refresh_interval
+        phase = iteration % self.refresh_interval
+        return [tf.logical_or(everything, tf.logical_and(started, tf.equal(phase, p)))
+                for p in phases]
+
     def refresh(self, statistics: Nested, gamma: tf.Tensor,
-                when: tf.Tensor | bool) -> tuple[Nested, tf.Tensor]:
-        """Refreshed values at γ when `when`, else the stored ones.
+                due: Sequence[tf.Tensor] | bool) -> tuple[Nested, tf.Tensor]:
+        """Refreshed values at γ of the blocks that are `due`, the stored ones of the others.
 
         Returns them and how many blocks' fresh values were not finite (each
-        of those keeps its stored values). With several replicas the
-        statistics (each replica's moving averages) are averaged first, each
-        block is refreshed on the one replica that owns it (balanced by
-        `refresh_cost`), and the results are shared. A Python `when` (the γ
-        candidates of the adaptive mode, one replica only) refreshes or not
-        without a conditional.
+        of those keeps its stored values). `due` is one flag per block
+        (`refresh_due`), or a Python bool for all of them (the γ candidates of
+        the adaptive mode, one replica only), which needs no conditional. With
+        several replicas the due blocks' statistics (each replica's moving
+        averages) are averaged first, each is refreshed on the one replica that
+        owns it (`refresh_schedule`), and the results are shared.
         """
         blocks = self.curvature_blocks
         if not blocks:
             return [], tf.constant(0.0)
-        replicas = distribute.num_replicas()
-        owners = distribute.inverse_owners([b.refresh_cost for b in blocks], replicas)
+        _, owners = self.refresh_schedule()
         me = distribute.replica_id()
         stored = self._stored("refreshed")
 
-        def old():
-            return [*tf.nest.flatten(stored), tf.constant(0.0)]
+        def kept(k):
+            return lambda: [*stored[k], tf.constant(0.0)]
 
-        def owned(averaged):  # this replica's blocks' values; zeros for the others'
-            out, failed = [], []
-            for block, values, previous, owner in zip(blocks, averaged, stored, owners,
-                                                      strict=True):
-                if owner != me:
-                    out.append([tf.zeros_like(p) for p in previous])
-                    continue
-                fresh = block.refresh(values, gamma)
-                keep = all_finite(fresh)
-                failed.append(1.0 - tf.cast(keep, tf.float32))
+        def fresh(k, values):
+            def compute():  # this replica's block: new values; another's: zeros
+                if owners[k] != me:
+                    return [*[tf.zeros_like(p) for p in stored[k]], tf.constant(0.0)]
+                new = blocks[k].refresh(values, gamma)
+                keep = all_finite(new)
                 self.inversions.assign_add(1)
-                out.append([tf.where(keep, f, p) for f, p in zip(fresh, previous, strict=True)])
-            return [*tf.nest.flatten(out), tf.add_n(failed) if failed else tf.constant(0.0)]
+                return [*[tf.where(keep, f, p) for f, p in zip(new, stored[k], strict=True)],
+                        1.0 - tf.cast(keep, tf.float32)]
+            return compute
 
-        if isinstance(when, bool):
-            result = owned(statistics) if when else old()
+        if isinstance(due, bool):
+            results = [fresh(k, statistics[k])() if due else kept(k)()
+                       for k in range(len(blocks))]
         else:
             averaged = statistics
-            if replicas > 1:
-                flat = distribute.all_reduce_when(
-                    when, "mean", lambda: tf.nest.flatten(statistics),
-                    lambda: tf.nest.flatten(statistics))
-                averaged = tf.nest.pack_sequence_as(statistics, flat)
-            result = distribute.all_reduce_when(when, "sum", lambda: owned(averaged), old)
-        return tf.nest.pack_sequence_as(stored, list(result[:-1])), result[-1]
+            if distribute.num_replicas() > 1:
+                averaged = distribute.all_reduce_each_when(
+                    due, "mean", [lambda v=v: list(v) for v in statistics],
+                    [lambda v=v: list(v) for v in statistics])
+            results = distribute.all_reduce_each_when(
+                due, "sum", [fresh(k, averaged[k]) for k in range(len(blocks))],
+                [kept(k) for k in range(len(blocks))])
+        failed = tf.add_n([r[-1] for r in results])
+        return [list(r[:-1]) for r in results], failed
 
     def refreshed_writes(self, values: Nested, flag: tf.Tensor) -> list[tuple]:
         """`(variable, value, flag)` writes of the refreshed values (mirrored state)."""

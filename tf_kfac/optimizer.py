@@ -90,9 +90,10 @@ class KFAC(keras.optimizers.Optimizer):
             Defaults to `5`: the statistics (and the estimator's extra backward
             pass) cost as much as a forward-backward pass or more (convolutions:
             several times more), and refreshing them every step buys little.
-        inverse_update_interval: recompute the damped inverses every this many
-            steps. Defaults to `20`. Factors and inverses are always refreshed
-            from the first step's batch.
+        inverse_update_interval: recompute each layer's damped inverses every
+            this many steps, the layers spread over the steps of the interval
+            by their cost. Defaults to `20`. Factors and inverses are always
+            refreshed from the first step's batch.
         kl_clip: the KL-clip bound κ > 0 on the predicted KL divergence of the
             model's predictive distribution per example (κ·c in the loss's
             units), or `None` to turn it off. Defaults to `1e-3`.
@@ -236,7 +237,8 @@ class KFAC(keras.optimizers.Optimizer):
         layers = internals.flatten_layers(model)
         super().build(var_list)
         estimator = CurvatureEstimator(blocks_for_model(
-            layers, var_list, self.weight_sharing, self.curvature), var_list)
+            layers, var_list, self.weight_sharing, self.curvature), var_list,
+            self.inverse_update_interval)
         if not estimator.curvature_blocks:
             raise ValueError(
                 f"KFAC found no trainable layer with a curvature block in model "

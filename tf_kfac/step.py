@@ -130,10 +130,11 @@ def apply_update(
     decay = tf.minimum(1.0 - 1.0 / count, settings.factor_decay)
     statistics = estimator.moving_averages(statistics, decay, update_factors)
 
-    # Refreshes: every inverse_update_interval steps, and until first computed.
-    refresh = tf.logical_and(ok, tf.logical_or(
-        tf.equal(state.inverse_updates, 0),
-        tf.equal(iteration % settings.inverse_update_interval, 0)))
+    # Refreshes: each block every inverse_update_interval steps at its own
+    # phase, and all of them until first computed.
+    due = [tf.logical_and(ok, d) for d in
+           estimator.refresh_due(iteration, tf.equal(state.inverse_updates, 0))]
+    refresh = tf.reduce_any(tf.stack(due)) if due else tf.constant(False)
     logs = {"damping": damping}
 
     def refresh_at(strength, when):
@@ -143,7 +144,7 @@ def apply_update(
         return estimator.directions(grads, refreshed, loss_scale, statistics)
 
     if not settings.adaptive:
-        refreshed, failed = refresh_at(gamma, refresh)
+        refreshed, failed = refresh_at(gamma, due)
         kl_bound = None if settings.kl_clip is None else settings.kl_clip * loss_scale
         updates, buffers, step_logs = rules.fixed_step(
             variables, state.momentums, grads, directions_from(refreshed), lr=lr,
@@ -158,7 +159,7 @@ def apply_update(
         result = rule.step(
             variables=variables, grads=grads, loss=loss,
             previous=[tf.convert_to_tensor(b) for b in state.momentums], damping=damping,
-            gamma=gamma, refresh=refresh, ok=ok, context=context, loss_scale=loss_scale,
+            gamma=gamma, refresh=due, ok=ok, context=context, loss_scale=loss_scale,
             iteration=iteration,
             state={"damping": state.damping, "rho": state.rho, "alpha": state.alpha,
                    "mu": state.mu, "model_change": state.model_change},
