@@ -10,9 +10,10 @@ script is the same on both, so figures taken on a GPU compare with these.
 
 Each workload is trained with `model.fit` on random data of the right shape;
 a callback records the wall time of every batch. The first steps (tracing,
-the first inverses) are dropped and the rest averaged: K-FAC refreshes its
-factors every few steps and its inverses every 20, so the mean over whole
-intervals is its amortised cost per step (a median would hide those steps).
+the first inverses) are dropped; the mean over the rest is the amortised cost
+per step with K-FAC's factor and inverse refreshes included, and the median
+and the max show how evenly that cost is spread. Also reported: each
+optimizer's state in bytes, and the process's peak resident memory.
 The optimizers alternate within one run (K-FAC, Adam, K-FAC, Adam, ...) so
 that machine noise hits all alike; each figure is the median over repeats of
 that mean, and the ratio of those is what to read.
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -85,9 +87,21 @@ def transformer() -> keras.Model:
     return suite_problems.transformer_model(n_classes=24)
 
 
+def autoencoder() -> keras.Model:
+    """The MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 (Keras defaults)."""
+    return keras.Sequential(
+        [keras.Input((784,))]
+        + [keras.layers.Dense(n, activation="sigmoid") for n in (1000, 500, 250)]
+        + [keras.layers.Dense(30)]
+        + [keras.layers.Dense(n, activation="sigmoid") for n in (250, 500, 1000)]
+        + [keras.layers.Dense(784)]
+    )
+
+
 WORKLOADS = {
     "mlp_784-1000-500-250-30_b256": (mlp, 256, "mse"),
     "mlp_784-1000-500-250-30_b1000": (mlp, 1000, "mse"),
+    "autoencoder_b1000": (autoencoder, 1000, "mse"),
     "quickstart_convnet_b64": (convnet, 64, "sparse_ce"),
     "suite_transformer_b64": (transformer, 64, "sparse_ce"),
 }
@@ -111,7 +125,19 @@ def data(builder, batch_size: int, steps: int, loss: str):
 JIT_COMPILE = {"value": "auto"}  # set from --jit
 
 
-def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
+def state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's own variables (K-FAC: factors, inverses, momentum, counters)."""
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_run(builder, optimizer, batch_size, steps, loss, warmup) -> dict[str, float]:
+    """One `fit` run: the mean, median and max step after `warmup`, in seconds, and the
+    optimizer's state in bytes."""
     keras.utils.set_random_seed(0)
     model = builder()
     loss_fn = (
@@ -121,7 +147,13 @@ def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
     x, y = data(builder, batch_size, steps, loss)
     timer = StepTimer()
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
-    return statistics.fmean(timer.times[warmup:])
+    times = timer.times[warmup:]
+    return {"mean": statistics.fmean(times), "median": statistics.median(times),
+            "max": max(times), "state_bytes": state_bytes(model.optimizer)}
+
+
+def time_steps(builder, optimizer, batch_size, steps, loss, warmup) -> float:
+    return timed_run(builder, optimizer, batch_size, steps, loss, warmup)["mean"]
 
 
 NEVER = 10**9  # an interval no benchmark reaches
@@ -188,26 +220,37 @@ def run(args, device: str) -> None:
         "kfac_adaptive": lambda: tf_kfac.KFAC(adaptive=True),
         "adam": lambda: keras.optimizers.Adam(),
         "sgd": lambda: keras.optimizers.SGD(momentum=0.9),
+        "muon": lambda: keras.optimizers.Muon(),
     }
     results = {}
     for name, (builder, batch, loss) in WORKLOADS.items():
         if args.only and args.only not in name:
             continue
-        medians = {key: [] for key in optimizers}
+        runs = {key: [] for key in optimizers}
         for _ in range(repeats):
             for key, make in optimizers.items():
-                medians[key].append(time_steps(builder, make(), batch, steps + warmup, loss,
-                                               warmup))
-        row = {key: statistics.median(values) * 1e3 for key, values in medians.items()}
-        row["kfac_over_adam"] = row["kfac"] / row["adam"]
-        row["kfac_adaptive_over_adam"] = row["kfac_adaptive"] / row["adam"]
+                runs[key].append(timed_run(builder, make(), batch, steps + warmup, loss,
+                                           warmup))
+        row = {}
+        for key, values in runs.items():  # medians over the repeats, in ms
+            for part in ("mean", "median", "max"):
+                row[f"{key}_{part}" if part != "mean" else key] = statistics.median(
+                    v[part] for v in values) * 1e3
+            row[f"{key}_state_bytes"] = values[0]["state_bytes"]
+        for key in ("kfac", "kfac_adaptive"):
+            row[f"{key}_over_adam"] = row[key] / row["adam"]
+            row[f"{key}_max_over_median"] = row[f"{key}_max"] / row[f"{key}_median"]
         row["kfac_over_sgd"] = row["kfac"] / row["sgd"]
+        row["kfac_over_muon"] = row["kfac"] / row["muon"]
+        row["kfac_state_over_adam"] = row["kfac_state_bytes"] / row["adam_state_bytes"]
         results[name] = row
         print(
-            f"{name:32s} K-FAC {row['kfac']:7.1f} ms  adaptive {row['kfac_adaptive']:7.1f} ms  "
-            f"Adam {row['adam']:6.1f} ms  SGD {row['sgd']:6.1f} ms  "
+            f"{name:32s} K-FAC {row['kfac']:7.1f} ms (median {row['kfac_median']:.1f}, max "
+            f"{row['kfac_max']:.1f})  adaptive {row['kfac_adaptive']:7.1f} ms  "
+            f"Adam {row['adam']:6.1f}  SGD {row['sgd']:6.1f}  Muon {row['muon']:6.1f} ms  "
             f"K-FAC/Adam {row['kfac_over_adam']:4.2f}x  "
-            f"adaptive/Adam {row['kfac_adaptive_over_adam']:4.2f}x",
+            f"adaptive/Adam {row['kfac_adaptive_over_adam']:4.2f}x  "
+            f"state {row['kfac_state_over_adam']:.1f}x Adam's",
             flush=True,
         )
     parts = None
@@ -228,6 +271,7 @@ def run(args, device: str) -> None:
         "steps": steps,
         "repeats": repeats,
         "ms_per_step": results,
+        "peak_rss_mb": peak_rss_mb(),
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = ("_gpu" if "GPU" in device else "") + ("_xla" if args.jit else "")

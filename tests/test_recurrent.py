@@ -370,3 +370,32 @@ def test_keras_file_resumes_exactly_and_predict_is_keras_own(rng, tmp_path):
     assert "inner_loop" in vars(model.layers[1])  # recorded inside K-FAC's step only
     np.testing.assert_allclose(model.predict(x, verbose=0), fresh.predict(x, verbose=0),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_masked_padding_changes_no_factor(kind, rng, rel_err):
+    """Embedding(mask_zero=True) → recurrent layer → Dense: the same tokens padded to 6 and
+    to 9 steps give the same factors of both recurrent maps (masked steps keep the state
+    and enter no factor); with mask_zero=False the padding changes them."""
+    tokens = rng.integers(1, 10, size=(4, 6))
+    tokens[1, 4:] = 0
+    tokens[3, 2:] = 0
+    y = rng.integers(0, 2, size=(4,))
+    padded = np.concatenate([tokens, np.zeros((4, 3), tokens.dtype)], axis=1)
+    errors = {}
+    for mask_zero in (True, False):
+        factors = []
+        for x in (tokens, padded):
+            keras.utils.set_random_seed(3)
+            model = keras.Sequential([
+                keras.Input((x.shape[1],), dtype="int32"),
+                keras.layers.Embedding(10, D, mask_zero=mask_zero),
+                KINDS[kind](UNITS), keras.layers.Dense(2)])
+            opt = tf_kfac.KFAC(fisher="exact", factor_decay=0.0)
+            opt.attach(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            opt.step(x, y)
+            factors.append([f64(f) for f in tf.nest.flatten(
+                opt.kronecker_factors(model.layers[1]))])
+        errors[mask_zero] = max(rel_err(a, b) for a, b in zip(*factors, strict=True))
+    assert errors[True] < 1e-5
+    assert errors[False] > 1e-2

@@ -311,3 +311,35 @@ def test_factor_and_inverse_intervals():
     assert int(opt._kfac.state.factor_updates.numpy()) == 2
     # Steps with a refresh: 0 (all), 4 (the second layer), 5 (this one).
     assert int(opt._kfac.state.inverse_updates.numpy()) == 3
+
+
+def test_refreshes_are_spread_over_the_interval():
+    """Four Dense layers with inverse_update_interval=4: step 0 refreshes every layer;
+    from step 4 on exactly one layer per step, each once per 4 steps, in the order of
+    their refresh costs (d³ per factor): 17³+12³ = 6641 (second layer, phase 0),
+    4³+16³ = 4160 (first, phase 1), 13³+8³ = 2709 (third, phase 2), 9³+2³ = 737
+    (fourth, phase 3). Steps 1 to 3 refresh nothing."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12 * 8, 3)).astype("float32")
+    y = rng.normal(size=(12 * 8, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(16, activation="tanh"),
+                              keras.layers.Dense(12, activation="tanh"),
+                              keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(2)])
+    opt = tf_kfac.KFAC(factor_update_interval=1, inverse_update_interval=4, fisher="exact")
+    model.compile(optimizer=opt, loss="mse")
+    opt.attach(model)
+    snapshots = []
+
+    def record(batch, logs):
+        blocks = opt._kfac.estimator.curvature_blocks
+        snapshots.append([b.a_inverse.numpy().copy() for b in blocks])
+
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=record)])
+    assert [b.layer for b in opt._kfac.estimator.curvature_blocks] == model.layers
+    order = [1, 0, 2, 3]  # the layer refreshed at phases 0, 1, 2, 3
+    for step in range(1, 12):
+        changed = [i for i in range(4)
+                   if not np.array_equal(snapshots[step][i], snapshots[step - 1][i])]
+        assert changed == ([] if step < 4 else [order[step % 4]]), step
+    assert int(opt._kfac.estimator.inversions.numpy()) == 4 + 8

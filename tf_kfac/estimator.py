@@ -119,19 +119,23 @@ class CurvatureEstimator:
         equals its phase: the blocks are spread over the interval's steps,
         balanced by `refresh_cost` (largest first, to the least-loaded step), so
         that no step pays for every block. With several replicas the blocks of
-        one phase are shared among them the same way, so the schedule, and the
-        training run, do not depend on the number of replicas. Deterministic:
+        one phase are shared among them the same way (ties to the replica with
+        the least work over the interval), so the phases, and the training run,
+        do not depend on the number of replicas. Deterministic:
         every replica computes the same schedule.
         """
         costs = [b.refresh_cost for b in self.curvature_blocks]
         phases = distribute.inverse_owners(costs, self.refresh_interval)
-        owners = [0] * len(costs)
         replicas = distribute.num_replicas()
-        for phase in set(phases):
-            members = [k for k, p in enumerate(phases) if p == phase]
-            for k, owner in zip(members, distribute.inverse_owners(
-                    [costs[k] for k in members], replicas), strict=True):
-                owners[k] = owner
+        owners = [0] * len(costs)
+        total = [0.0] * replicas  # over the interval, so that the first refresh is shared too
+        for phase in sorted(set(phases)):
+            load = [0.0] * replicas
+            for k in sorted((k for k, p in enumerate(phases) if p == phase),
+                            key=lambda k: (-costs[k], k)):
+                owners[k] = min(range(replicas), key=lambda r: (load[r], total[r], r))
+                load[owners[k]] += costs[k]
+                total[owners[k]] += costs[k]
         return phases, owners
 
     def refresh_due(self, iteration: tf.Tensor, everything: tf.Tensor) -> list[tf.Tensor]:
