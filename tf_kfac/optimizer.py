@@ -1,10 +1,8 @@
 """The K-FAC optimizer: the Keras glue around the curvature estimator and the rules.
 
-`KFAC` keeps the hyperparameters, registers the model's layers, creates the
-state, runs a step (`tf_kfac/training.py` measures, `tf_kfac/estimator.py`
-turns the measurements into statistics, refreshed values and directions,
-`tf_kfac/rules.py` or `tf_kfac/adaptive_rule.py` chooses the update) and
-commits it in one masked write.
+`KFAC` keeps the hyperparameters, registers the model's layers, creates the state and
+runs a step: `training.py` measures, `estimator.py` gives statistics, refreshed values
+and directions, `rules.py` or `adaptive_rule.py` the update, `step.py` commits it.
 """
 
 from __future__ import annotations
@@ -384,16 +382,7 @@ class KFAC(keras.optimizers.Optimizer):
         has a different number of variables; K-FAC's factors, inverses,
         momentum and counters would then restart silently.
         """
-        saved, built = len(store.keys()), len(self.variables)
-        if saved != built:
-            raise ValueError(
-                f"The saved optimizer state has {saved} variables, but this K-FAC optimizer, "
-                f"built for the loaded model, has {built}: the file comes from another "
-                "version of tf_kfac or another model. Loading it would silently restart "
-                "K-FAC's factors, inverses, momentum and step counters. To use the weights "
-                "without the optimizer state, load with "
-                "`keras.models.load_model(path, compile=False)` and compile again with a new "
-                "tf_kfac.KFAC().")
+        registration.check_saved_state(len(store.keys()), len(self.variables))
         super().load_own_variables(store)
 
     def get_config(self):

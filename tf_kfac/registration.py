@@ -126,6 +126,19 @@ def check_variables_unchanged(model: keras.Model, var_list) -> None:
             "model again.")
 
 
+def check_saved_state(saved: int, built: int) -> None:
+    """Raises when a saved optimizer state does not have this optimizer's variable count."""
+    if saved != built:
+        raise ValueError(
+            f"The saved optimizer state has {saved} variables, but this K-FAC optimizer, "
+            f"built for the loaded model, has {built}: the file comes from another "
+            "version of tf_kfac or another model. Loading it would silently restart "
+            "K-FAC's factors, inverses, momentum and step counters. To use the weights "
+            "without the optimizer state, load with "
+            "`keras.models.load_model(path, compile=False)` and compile again with a new "
+            "tf_kfac.KFAC().")
+
+
 def _as_loss_object(loss: Any) -> keras.losses.Loss | None:
     """A `keras.losses.Loss` (mean over the batch, sample weights) for any loss form."""
     if loss is None or isinstance(loss, keras.losses.Loss):
