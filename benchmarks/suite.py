@@ -25,6 +25,8 @@ sweep of 3 learning rates (`SWEEPS`) and keeps its best.
   marker tokens in random sequences (24 classes); batch 64; held-out error %.
 * `sequence`: Conv1D classifier counting the copies (1-4) of a motif in a
   noisy signal; batch 64; held-out error %.
+* `recurrent`: the same motif counting with an LSTM(64) classifier; batch 64;
+  held-out error %.
 * `regression`: 256-256-256 relu MLP fitted with MSE to a random tanh teacher
   with 64 outputs, batch 256; held-out MSE.
 
@@ -75,6 +77,7 @@ SWEEPS = {
     "convnet": dict(_DEFAULT_SWEEP),
     "transformer": dict(_DEFAULT_SWEEP),
     "sequence": dict(_DEFAULT_SWEEP),
+    "recurrent": dict(_DEFAULT_SWEEP),
     "regression": dict(_DEFAULT_SWEEP),
 }
 # K-FAC's arguments besides the seed: none, except in the paper's setup.
@@ -82,16 +85,16 @@ KFAC_CONFIGS = {"autoencoder_paper": {"l2_reg": 1e-5}}
 # Training seconds a run. 13 runs a problem; with start-up, tracing and
 # evaluations the full suite takes about 73 minutes on 2 cores.
 BUDGETS = {"autoencoder": 60.0, "autoencoder_paper": 60.0, "convnet": 30.0,
-           "transformer": 30.0, "sequence": 30.0, "regression": 30.0}
+           "transformer": 30.0, "sequence": 30.0, "recurrent": 30.0, "regression": 30.0}
 EVALUATIONS, QUICK_BUDGET, QUICK_EVALUATIONS = 12, 3.0, 3
 # What a run costs besides its budget, to plan the total (seconds on 2 cores):
 # process start-up, tracing (the first step and the first evaluation) and each
 # evaluation of the error.
 STARTUP_S = 8.0
 TRACE_S = {"autoencoder": 4.0, "autoencoder_paper": 4.0, "convnet": 1.5,
-           "transformer": 3.0, "sequence": 1.0, "regression": 1.0}
+           "transformer": 3.0, "sequence": 1.0, "recurrent": 2.0, "regression": 1.0}
 EVAL_S = {"autoencoder": 1.0, "autoencoder_paper": 1.0, "convnet": 0.2,
-          "transformer": 0.25, "sequence": 0.1, "regression": 0.1}
+          "transformer": 0.25, "sequence": 0.1, "recurrent": 0.5, "regression": 0.1}
 # Error levels to report the time to (lower is better).
 THRESHOLDS = {
     "autoencoder": [50.0, 30.0, 20.0, 10.0],
@@ -99,6 +102,7 @@ THRESHOLDS = {
     "convnet": [5.0, 3.0, 2.0, 1.5],
     "transformer": [50.0, 20.0, 10.0, 5.0],
     "sequence": [40.0, 25.0, 20.0, 15.0],
+    "recurrent": [40.0, 25.0, 20.0, 15.0],
     "regression": [0.5, 0.25, 0.15, 0.1],
 }
 

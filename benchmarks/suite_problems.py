@@ -44,10 +44,11 @@ UNITS = {
     "convnet": "held-out error %",
     "transformer": "held-out error %",
     "sequence": "held-out error %",
+    "recurrent": "held-out error %",
     "regression": "held-out mean squared error",
 }
 BATCH = {"autoencoder": 1000, "autoencoder_paper": 1000, "convnet": 128,
-         "transformer": 64, "sequence": 64, "regression": 256}
+         "transformer": 64, "sequence": 64, "recurrent": 64, "regression": 256}
 
 # The generated tasks (sizes as in the suite; see the task functions).
 VOCAB, SEQUENCE_LENGTH, MARKERS = 100, 32, 4
@@ -300,6 +301,23 @@ def sequence(seed: int, data_dir: str | None = None) -> Problem:
                    data, steps, BATCH["sequence"], _classification_error(x_val, y_val))
 
 
+def recurrent(seed: int, data_dir: str | None = None) -> Problem:
+    """An LSTM classifier on `signal_task`, as `sequence` but recurrent."""
+    import keras
+    from keras import layers
+
+    (x, y), (x_val, y_val) = signal_task(seed)
+    model = keras.Sequential([
+        keras.Input((SIGNAL_LENGTH, 1)),
+        layers.LSTM(64),
+        layers.Dense(MAX_MOTIFS),
+    ], name="recurrent")
+    data, steps = _pipeline(x, y, BATCH["recurrent"], seed)
+    return Problem(model,
+                   {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+                   data, steps, BATCH["recurrent"], _classification_error(x_val, y_val))
+
+
 def regression(seed: int, data_dir: str | None = None) -> Problem:
     """A 256-256-256 relu MLP fitted with MSE to `teacher_task`."""
     import keras
@@ -323,6 +341,7 @@ def regression(seed: int, data_dir: str | None = None) -> Problem:
 
 BUILDERS: dict[str, Callable[..., Problem]] = {
     "autoencoder": autoencoder, "autoencoder_paper": autoencoder_paper, "convnet": convnet,
-    "transformer": transformer, "sequence": sequence, "regression": regression,
+    "transformer": transformer, "sequence": sequence, "recurrent": recurrent,
+    "regression": regression,
 }
 MNIST_PROBLEMS = ("autoencoder", "autoencoder_paper", "convnet")

@@ -52,7 +52,7 @@ def test_signal_task_labels_count_the_motifs(monkeypatch):
     np.testing.assert_allclose(energy, y + 1, rtol=1e-5)  # y + 1 copies, none overlapping
 
 
-@pytest.mark.parametrize("name", sorted(GENERATED))
+@pytest.mark.parametrize("name", sorted(GENERATED) + ["recurrent"])
 def test_generated_problem_builds_and_scores(name):
     problem = suite_problems.BUILDERS[name](seed=0)
     assert problem.batch_size == suite_problems.BATCH[name]
