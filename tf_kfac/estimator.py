@@ -196,10 +196,12 @@ class CurvatureEstimator:
         failed = tf.add_n([r[-1] for r in results])
         return [list(r[:-1]) for r in results], failed
 
-    def refreshed_writes(self, values: Nested, flag: tf.Tensor) -> list[tuple]:
-        """`(variable, value, flag)` writes of the refreshed values (mirrored state)."""
+    def refreshed_writes(self, values: Nested, flags: Sequence[tf.Tensor]) -> list[tuple]:
+        """`(variable, value, flag)` writes of the refreshed values (mirrored state), one
+        flag per block: only the blocks that refreshed are written."""
         return [(v, value, flag)
-                for b, block_values in zip(self.curvature_blocks, values, strict=True)
+                for b, block_values, flag in zip(self.curvature_blocks, values, flags,
+                                                 strict=True)
                 for v, value in zip(b.refreshed, block_values, strict=True)]
 
     # ------------------------------------------------------- precondition

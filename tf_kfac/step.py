@@ -168,6 +168,7 @@ def apply_update(
         refreshed, gamma, failed = result.refreshed, result.gamma, result.failed
         step_logs, writes = result.logs, result.writes
         refresh = tf.logical_or(refresh, result.gamma_adapted)
+        due = [tf.logical_or(d, result.gamma_adapted) for d in due]  # γ's: every block
     logs.update(step_logs)
     ok = tf.logical_and(ok, all_finite([u for u in updates if u is not None]))
     # A block whose refresh is not finite keeps its previous values; before the
@@ -180,7 +181,7 @@ def apply_update(
     # Write statistics, refreshed values, momentum, weights; all kept on a bad
     # step. The statistics are replica-local, everything else the same everywhere.
     estimator.statistics_writes(statistics, tf.logical_and(ok, update_factors))
-    writes += estimator.refreshed_writes(refreshed, tf.logical_and(ok, refresh))
+    writes += estimator.refreshed_writes(refreshed, [tf.logical_and(ok, d) for d in due])
     for variable, buffer, update, new_buffer in zip(
             variables, state.momentums, updates, buffers, strict=True):
         if update is None:
