@@ -5,9 +5,12 @@ Conv2D, DepthwiseConv2D, SeparableConv2D, EinsumDense, SimpleRNN, LSTM, GRU, Emb
 LayerNormalization, BatchNormalization) with its shape options, a compute dtype
 (float32 or mixed_bfloat16), a Fisher estimator, the fixed or the adaptive mode, and a
 dataset whose size leaves a partial last batch (batch sizes down to 1). Every draw must
-either train two epochs to finite weights and optimizer state, or be refused by Keras or
+either train an epoch to finite weights and optimizer state, or be refused by Keras or
 tf_kfac with a ValueError before training; never a crash deep inside TensorFlow. The
-number of examples is fixed so that the run time is bounded; the counts are printed.
+number of examples is fixed (30; each traces a new model's training step)
+so that the run time is bounded; the counts are printed. A longer run found the adaptive
+mode's failure on recurrent layers (forward mode through TensorFlow's while loop), now fixed:
+raise `max_examples` locally to search further.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def layer_cases(draw):
     kernel = draw(st.integers(1, 3))
     padding = draw(st.sampled_from(["valid", "same"] + (["causal"] if rank == 1 else [])))
     strides = draw(st.integers(1, 2))
-    dilation = draw(st.integers(1, 2))
+    dilation = 1 if strides > 1 else draw(st.integers(1, 2))  # Keras refuses both > 1
     options = dict(padding=padding, strides=strides, dilation_rate=dilation,
                    activation=activation, use_bias=use_bias)
     if kind == "conv1d":
@@ -84,7 +87,7 @@ def _build(shape, integers, layer, dtype):
     return keras.Model(inputs, outputs)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
+@settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=layer_cases(),
        dtype=st.sampled_from(["float32", "mixed_bfloat16"]),
@@ -111,7 +114,7 @@ def test_every_layer_configuration_trains_to_finite_state_or_is_refused(
         model.compile(optimizer=tf_kfac.KFAC(fisher=fisher, adaptive=adaptive,
                                              factor_update_interval=1, inverse_update_interval=2),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0)
+        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     finite = all(np.all(np.isfinite(np.asarray(v.numpy(), np.float64)))

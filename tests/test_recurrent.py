@@ -399,3 +399,32 @@ def test_masked_padding_changes_no_factor(kind, rng, rel_err):
         errors[mask_zero] = max(rel_err(a, b) for a, b in zip(*factors, strict=True))
     assert errors[True] < 1e-5
     assert errors[False] > 1e-2
+
+
+def test_the_adaptive_mode_trains_recurrent_layers(rng):
+    """The adaptive mode's quadratic model differentiates the network in forward mode,
+    which TensorFlow supports through an unrolled time loop only: with a fixed number of
+    steps LSTM and GRU train; with an unknown number (a dataset of unknown length) the
+    fixed mode trains and the adaptive mode's error says what to do."""
+    x, y = _sequence_task(rng)
+    for layer_class in (keras.layers.LSTM, keras.layers.GRU):
+        model = keras.Sequential([keras.Input((6, D)), layer_class(4), keras.layers.Dense(2)])
+        model.compile(optimizer=tf_kfac.KFAC(adaptive=True),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+        assert history[-1] < history[0] and np.isfinite(history[-1])
+    model = keras.Sequential([keras.Input((None, D)), keras.layers.LSTM(4),
+                              keras.layers.Dense(2)])
+    model.compile(optimizer=tf_kfac.KFAC(adaptive=True),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ragged = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).map(  # length unknown
+        lambda a, b: (tf.reshape(a, [tf.shape(a)[0], -1, D]), b))
+    assert ragged.element_spec[0].shape[1] is None
+    fixed_mode = keras.Sequential([keras.Input((None, D)), keras.layers.LSTM(4),
+                                   keras.layers.Dense(2)])
+    fixed_mode.compile(optimizer=tf_kfac.KFAC(),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = fixed_mode.fit(ragged, epochs=3, verbose=0).history["loss"]
+    assert history[-1] < history[0]  # the fixed mode needs no fixed length
+    with pytest.raises(ValueError, match=r"fixed(.|\n)*keras.Input\(\(T, features\)\)"):
+        model.fit(ragged, epochs=1, verbose=0)

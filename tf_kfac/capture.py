@@ -64,8 +64,11 @@ class LayerCall:
 class Recording:
     """The calls of the registered layers during one forward pass."""
 
-    def __init__(self, layers: Sequence[keras.layers.Layer]):
+    def __init__(self, layers: Sequence[keras.layers.Layer], unrolled: bool = False):
         self._ids = {id(layer) for layer in layers}
+        # Recurrent time loops run unrolled (forward-mode differentiation, which the
+        # adaptive mode's quadratic model uses, does not go through a while loop).
+        self.unrolled = unrolled
         self.calls: dict[int, list[LayerCall]] = {id(layer): [] for layer in layers}
         # Masks that a containing layer hands to the layers it calls (by id),
         # for the duration of its call (MultiHeadAttention's projections).
@@ -97,10 +100,12 @@ def active_recording() -> Recording | None:
 
 
 @contextlib.contextmanager
-def recording(layers: Sequence[keras.layers.Layer]) -> Iterator[Recording]:
-    """Records the calls of `layers` made inside the `with` block."""
+def recording(layers: Sequence[keras.layers.Layer],
+              unrolled: bool = False) -> Iterator[Recording]:
+    """Records the calls of `layers` made inside the `with` block (recurrent time loops
+    unrolled when `unrolled`)."""
     previous = active_recording()
-    current = Recording(layers)
+    current = Recording(layers, unrolled)
     _ACTIVE.recording = current
     try:
         yield current
@@ -174,7 +179,7 @@ def wrap_layer(layer: keras.layers.Layer, compute: Preactivation | None = None) 
 
 
 # How a recurrent layer kind runs its time loop inside a recording:
-# (layer, sequences, initial_state, mask, training) -> (the loop's result as
+# (layer, sequences, initial_state, mask, training, unrolled) -> (the loop's result as
 # Keras's `RNN.inner_loop` returns it, the LayerCall to record), or None to run
 # Keras's own loop unrecorded.
 RecurrentLoop = Callable[..., tuple[tuple, LayerCall] | None]
@@ -196,7 +201,7 @@ def wrap_inner_loop(layer: keras.layers.Layer, loop: RecurrentLoop) -> None:
         current = _recording_of(layer)
         if current is None:
             return original_loop(sequences, initial_state, mask, training=training)
-        recorded = loop(layer, sequences, initial_state, mask, training)
+        recorded = loop(layer, sequences, initial_state, mask, training, current.unrolled)
         if recorded is None:  # a configuration the loop does not cover: Keras's own
             return original_loop(sequences, initial_state, mask, training=training)
         result, call = recorded

@@ -190,7 +190,7 @@ def step_context(spec: LossSpec, layers, fraction: float, variables, x, weights,
     count = tf.maximum(count, 1)
 
     def network_output(inputs):
-        with capture.recording(layers) as recording:
+        with capture.recording(layers, unrolled=True) as recording:
             y_pred = forward(inputs)
         return _network_output(spec, single_output(y_pred), recording)
 

@@ -93,12 +93,20 @@ def _unsupported(cell) -> str | None:
     return None
 
 
-def _time_loop(layer, sequences, initial_state, mask, training):
+def _time_loop(layer, sequences, initial_state, mask, training, unrolled=False):
     """The recorded time loop: (Keras's `inner_loop` result, the LayerCall), or None
-    for a cell that gets no block (Keras's own loop runs)."""
+    for a cell that gets no block (Keras's own loop runs). `unrolled` unrolls it over
+    the time steps, which must then be known."""
     cell = layer.cell
     if _unsupported(cell) is not None:
         return None
+    if unrolled and sequences.shape[1] is None:
+        raise ValueError(
+            f"KFAC(adaptive=True) needs the number of time steps of recurrent layer "
+            f"'{layer.name}' to be fixed: its quadratic model differentiates the layer in "
+            "forward mode, which TensorFlow supports only for an unrolled loop. Give the "
+            "model's Input a fixed length, e.g. keras.Input((T, features)), or use "
+            "adaptive=False.")
     step_of = _CELL_STEPS[type(cell)]
     if tf.nest.is_nested(mask):
         mask = mask[0]
@@ -116,8 +124,10 @@ def _time_loop(layer, sequences, initial_state, mask, training):
     # Zero, but computed from the variables, so the tape can give its gradient.
     probe = projected * 0.0
 
+    width = projected.shape[-1]
+
     def step(inputs, states):
-        projected_t, probe_t = inputs
+        projected_t, probe_t = inputs[:, :width], inputs[:, width:]
         previous = states[0] if hidden_mask is None else states[0] * hidden_mask
         recurrent = ops.matmul(previous, cell.recurrent_kernel)
         if recurrent_bias is not None:
@@ -126,8 +136,10 @@ def _time_loop(layer, sequences, initial_state, mask, training):
         return ops.concatenate([h, previous], axis=-1), new_states
 
     last_output, outputs, states = internals.backend_rnn(
-        step, (projected, probe), list(initial_state), go_backwards=layer.go_backwards,
-        mask=mask, unroll=layer.unroll, input_length=sequences.shape[1],
+        # One tensor, not a pair: Keras's loop reads a pair's length only when it is known.
+        step, ops.concatenate([projected, probe], axis=-1), list(initial_state),
+        go_backwards=layer.go_backwards, mask=mask, unroll=layer.unroll or unrolled,
+        input_length=sequences.shape[1],
         zero_output_for_mask=layer.zero_output_for_mask, return_all_outputs=True)
     units = cell.units
     hidden = outputs[..., units:]
