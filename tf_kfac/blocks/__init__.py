@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
-from tf_kfac.blocks.base import CurvatureBlock, FirstOrderBlock
+from tf_kfac.blocks.base import CurvatureBlock, FirstOrderBlock, PartsBlock
 from tf_kfac.blocks.conv import ConvBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
@@ -54,6 +54,7 @@ __all__ = [
     "EmbeddingBlock",
     "FirstOrderBlock",
     "KroneckerBlock",
+    "PartsBlock",
     "RecurrentBlock",
     "ScaleShiftBlock",
     "SeparableConvBlock",

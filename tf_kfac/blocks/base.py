@@ -155,3 +155,57 @@ class FirstOrderBlock(CurvatureBlock):
 
     def describe(self) -> str:
         return self.reason
+
+
+class PartsBlock(CurvatureBlock):
+    """A layer's block made of independent parts, each a block with its own state (the
+    curvature between the parts is not kept): a separable convolution's depthwise and
+    pointwise kernels, a recurrent layer's input and recurrent kernels.
+
+    Subclasses set `parts` and say how the layer's calls and gradients become each
+    part's (`batch_statistics`) and how the gradients are shared out (`precondition`).
+    """
+
+    parts: tuple[CurvatureBlock, ...] = ()
+
+    def __init__(self, layer: keras.layers.Layer, variables: Sequence[keras.Variable]):
+        super().__init__(layer.path, variables)
+        self._layer = layer
+
+    @property
+    def layer(self) -> keras.layers.Layer:
+        return self._layer
+
+    def build(self, optimizer: keras.optimizers.Optimizer) -> None:
+        for part in self.parts:
+            part.build(optimizer)
+
+    @property
+    def statistics(self):
+        return tuple(v for part in self.parts for v in part.statistics)
+
+    @property
+    def refreshed(self):
+        return tuple(v for part in self.parts for v in part.refreshed)
+
+    @property
+    def state(self):
+        return tuple(v for part in self.parts for v in part.state)
+
+    @property
+    def refresh_cost(self) -> float:
+        return sum(part.refresh_cost for part in self.parts)
+
+    def shares(self, values: Sequence, attribute: str) -> list[list]:
+        """`values` (aligned with `statistics` or `refreshed`) cut into each part's."""
+        out, start = [], 0
+        for part in self.parts:
+            count = len(getattr(part, attribute))
+            out.append(list(values[start:start + count]))
+            start += count
+        return out
+
+    def refresh(self, statistics, gamma):
+        return [value for part, share in zip(self.parts, self.shares(statistics, "statistics"),
+                                             strict=True)
+                for value in part.refresh(share, gamma)]

@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras import ops
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.blocks.base import PartsBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.capture import LayerCall, wrap_inner_loop
 
@@ -153,7 +153,7 @@ def _time_loop(layer, sequences, initial_state, mask, training, unrolled=False):
     return result, call
 
 
-class RecurrentBlock(CurvatureBlock):
+class RecurrentBlock(PartsBlock):
     """Kronecker blocks of a SimpleRNN, LSTM or GRU layer: one for the input
     kernel (with the input bias), one for the recurrent kernel (with GRU's
     recurrent bias), both shared over time steps."""
@@ -163,8 +163,7 @@ class RecurrentBlock(CurvatureBlock):
     def __init__(self, layer: keras.layers.Layer):
         cell = layer.cell
         variables = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if cell.use_bias else [])
-        super().__init__(layer.path, variables)
-        self._layer = layer
+        super().__init__(layer, variables)
         self._split_bias = _two_biases(cell)
         if self._split_bias:  # each part's bias is one row of GRU's (2, 3u) bias
             width = int(cell.kernel.shape[-1])
@@ -195,30 +194,6 @@ class RecurrentBlock(CurvatureBlock):
         internals.check_rnn_time_loop(layer)
         wrap_inner_loop(layer, _time_loop)
 
-    @property
-    def layer(self):
-        return self._layer
-
-    def build(self, optimizer) -> None:
-        for part in self.parts:
-            part.build(optimizer)
-
-    @property
-    def statistics(self):
-        return (*self.input_part.statistics, *self.recurrent_part.statistics)
-
-    @property
-    def refreshed(self):
-        return (*self.input_part.refreshed, *self.recurrent_part.refreshed)
-
-    @property
-    def state(self):
-        return (*self.input_part.state, *self.recurrent_part.state)
-
-    @property
-    def refresh_cost(self) -> float:
-        return self.input_part.refresh_cost + self.recurrent_part.refresh_cost
-
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
         inputs = [LayerCall(c.inputs, c.preactivation, c.output, mask=c.mask) for c in calls]
         hidden = [LayerCall(c.hidden, c.intermediates[0], c.output, mask=c.mask) for c in calls]
@@ -228,10 +203,6 @@ class RecurrentBlock(CurvatureBlock):
                                                   example_weights),
                 *self.recurrent_part.batch_statistics(hidden, recurrent_grads, batch_size,
                                                       g_scale, example_weights)]
-
-    def refresh(self, statistics, gamma):
-        return [*self.input_part.refresh(statistics[:2], gamma),
-                *self.recurrent_part.refresh(statistics[2:], gamma)]
 
     def precondition(self, gradients, refreshed, loss_scale):
         kernel, recurrent = gradients[0], gradients[1]

@@ -7,13 +7,13 @@ import types
 import keras
 import tensorflow as tf
 
-from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.blocks.base import PartsBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
 from tf_kfac.capture import LayerCall
 
 
-class SeparableConvBlock(CurvatureBlock):
+class SeparableConvBlock(PartsBlock):
     """A separable convolution as the two layers it is: depthwise, then 1×1.
 
     The depthwise kernel gets per-channel factors (`DepthwiseConvBlock`, no
@@ -31,8 +31,7 @@ class SeparableConvBlock(CurvatureBlock):
     def __init__(self, layer: keras.layers.Layer):
         variables = [layer.depthwise_kernel, layer.pointwise_kernel]
         variables += [layer.bias] if layer.bias is not None else []
-        super().__init__(layer.path, variables)
-        self._layer = layer
+        super().__init__(layer, variables)
         common = dict(strides=layer.strides, dilation_rate=layer.dilation_rate,
                       padding=layer.padding, data_format="channels_last")
         self.depthwise = DepthwiseConvBlock(types.SimpleNamespace(
@@ -61,30 +60,6 @@ class SeparableConvBlock(CurvatureBlock):
             s = s + layer.bias
         return s, (middle,)
 
-    @property
-    def layer(self):
-        return self._layer
-
-    def build(self, optimizer) -> None:
-        for part in self.parts:
-            part.build(optimizer)
-
-    @property
-    def statistics(self):
-        return (*self.depthwise.statistics, *self.pointwise.statistics)
-
-    @property
-    def refreshed(self):
-        return (*self.depthwise.refreshed, *self.pointwise.refreshed)
-
-    @property
-    def state(self):
-        return (*self.depthwise.state, *self.pointwise.state)
-
-    @property
-    def refresh_cost(self) -> float:
-        return self.depthwise.refresh_cost + self.pointwise.refresh_cost
-
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
         middle = [LayerCall(c.intermediates[0], c.preactivation, c.output) for c in calls]
         depthwise_grads = [[(g[0],) for g in grads] for grads in output_gradients]
@@ -93,10 +68,6 @@ class SeparableConvBlock(CurvatureBlock):
                                                  example_weights),
                 *self.pointwise.batch_statistics(middle, pointwise_grads, batch_size, g_scale,
                                                  example_weights)]
-
-    def refresh(self, statistics, gamma):
-        return [*self.depthwise.refresh(statistics[:2], gamma),
-                *self.pointwise.refresh(statistics[2:], gamma)]
 
     def precondition(self, gradients, refreshed, loss_scale):
         return [*self.depthwise.precondition(gradients[:1], refreshed[:2], loss_scale),
