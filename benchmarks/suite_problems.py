@@ -282,40 +282,33 @@ def transformer(seed: int, data_dir: str | None = None) -> Problem:
                    data, steps, BATCH["transformer"], _classification_error(x_val, y_val))
 
 
-def sequence(seed: int, data_dir: str | None = None) -> Problem:
-    """A Conv1D classifier on `signal_task`."""
+def _signal_problem(name: str, seed: int, body: list) -> Problem:
+    """A classifier of `signal_task` with the layers `body` before its Dense head."""
     import keras
-    from keras import layers
 
     (x, y), (x_val, y_val) = signal_task(seed)
-    model = keras.Sequential([
-        keras.Input((SIGNAL_LENGTH, 1)),
-        layers.Conv1D(32, 5, activation="relu"),
-        layers.Conv1D(64, 5, activation="relu"),
-        layers.GlobalAveragePooling1D(),
-        layers.Dense(MAX_MOTIFS),
-    ], name="sequence")
-    data, steps = _pipeline(x, y, BATCH["sequence"], seed)
+    model = keras.Sequential([keras.Input((SIGNAL_LENGTH, 1)), *body,
+                              keras.layers.Dense(MAX_MOTIFS)], name=name)
+    data, steps = _pipeline(x, y, BATCH[name], seed)
     return Problem(model,
                    {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-                   data, steps, BATCH["sequence"], _classification_error(x_val, y_val))
+                   data, steps, BATCH[name], _classification_error(x_val, y_val))
+
+
+def sequence(seed: int, data_dir: str | None = None) -> Problem:
+    """A Conv1D classifier on `signal_task`."""
+    from keras import layers
+
+    return _signal_problem("sequence", seed, [
+        layers.Conv1D(32, 5, activation="relu"), layers.Conv1D(64, 5, activation="relu"),
+        layers.GlobalAveragePooling1D()])
 
 
 def recurrent(seed: int, data_dir: str | None = None) -> Problem:
     """An LSTM classifier on `signal_task`, as `sequence` but recurrent."""
-    import keras
     from keras import layers
 
-    (x, y), (x_val, y_val) = signal_task(seed)
-    model = keras.Sequential([
-        keras.Input((SIGNAL_LENGTH, 1)),
-        layers.LSTM(64),
-        layers.Dense(MAX_MOTIFS),
-    ], name="recurrent")
-    data, steps = _pipeline(x, y, BATCH["recurrent"], seed)
-    return Problem(model,
-                   {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-                   data, steps, BATCH["recurrent"], _classification_error(x_val, y_val))
+    return _signal_problem("recurrent", seed, [layers.LSTM(64)])
 
 
 def regression(seed: int, data_dir: str | None = None) -> Problem:
