@@ -76,12 +76,15 @@ class EigenbasisRescaling:
 
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
         """[A, G] as K-FAC, S_batch, the basis it was measured in, 1 (one batch)."""
-        factors = KroneckerBlock.batch_statistics(self, calls, output_gradients, batch_size,
-                                                  g_scale, example_weights)
         # Per-example gradients Σₜ mₜ āₜgₜᵀ over every (real) position, whatever the flavour.
         mask = self._mask(calls)
         rows = self._input_rows(calls, mask, shared=False)
         outs = [self._output_rows(grads, mask, shared=False) for grads in output_gradients]
+        if self.weight_sharing == "expand":  # A and G come from these same rows
+            factors = self._factors(rows, outs, mask, batch_size, g_scale, example_weights)
+        else:
+            factors = KroneckerBlock.batch_statistics(self, calls, output_gradients, batch_size,
+                                                      g_scale, example_weights)
         # The rows carry √wᵢ in the gradients only (as G does), so S = (1/B) Σ wᵢ (·)².
         a_proj = tf.einsum("bti,ij->btj", rows, tf.convert_to_tensor(self.a_basis))
         g_basis = tf.convert_to_tensor(self.g_basis)

@@ -195,7 +195,13 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         gradient run over the real positions (docs/design.md §3).
         """
         mask = self._mask(calls)
-        rows = self._input_rows(calls, mask)
+        outs = [self._output_rows(grads, mask) for grads in output_gradients]
+        return self._factors(self._input_rows(calls, mask), outs, mask, batch_size, g_scale,
+                             example_weights)
+
+    def _factors(self, rows, outs, mask, batch_size, g_scale, example_weights):
+        """[A, G] from the input rows and each gradient set's output rows (as
+        `_input_rows` and `_output_rows` give them for this block's flavour)."""
         batch = tf.cast(batch_size, tf.float32)
         if example_weights is None:
             total = batch
@@ -206,8 +212,7 @@ class KroneckerBlock(FactorPair, CurvatureBlock):
         rows = tf.reshape(rows, [-1, self.input_size])
         a = tf.math.divide_no_nan(tf.matmul(rows, rows, transpose_a=True), total)
         g = 0.0
-        for grads in output_gradients:
-            out = self._output_rows(grads, mask)
+        for out in outs:
             if mask is None or self.weight_sharing == "reduce":
                 positions = tf.cast(tf.shape(out)[1], tf.float32)
                 out = tf.reshape(out, [-1, self.output_size])
