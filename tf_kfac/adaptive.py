@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from tf_kfac import distribute
+from tf_kfac import distribute, sparse
 from tf_kfac.losses import LossSpec
 
 RHO_HIGH = 0.75
@@ -61,11 +61,8 @@ def adapt_damping(damping, rho, interval: int, low: float, high: float):
 
 def inner_product(xs: Sequence[tf.Tensor | None], ys: Sequence[tf.Tensor | None]) -> tf.Tensor:
     """Σ over the pairs of ⟨x, y⟩, skipping pairs with a None; a float32 scalar."""
-    terms = [
-        tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32))
-        for x, y in zip(xs, ys, strict=True)
-        if x is not None and y is not None
-    ]
+    terms = [sparse.inner(x, y) for x, y in zip(xs, ys, strict=True)
+             if x is not None and y is not None]
     return tf.add_n(terms) if terms else tf.constant(0.0)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from tf_kfac import distribute
+from tf_kfac import distribute, sparse
 from tf_kfac.blocks import CurvatureBlock
 from tf_kfac.capture import LayerCall, Recording
 from tf_kfac.linalg import all_finite
@@ -217,7 +217,8 @@ class CurvatureEstimator:
         for block, positions in zip(self.blocks, self._positions, strict=True):
             block_refreshed = (block.preconditioner(next(values), next(averages))
                                if block.layer is not None else [])
-            block_grads = [grads[i] for i in positions]
+            block_grads = [g if block.sparse_gradients else sparse.dense(g)
+                           for g in (grads[i] for i in positions)]
             if any(g is None for g in block_grads):
                 continue
             for i, u in zip(positions, block.precondition(block_grads, block_refreshed,

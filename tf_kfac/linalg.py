@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tf_kfac import sparse
+
 # Mean eigenvalues below this are treated as zero when computing π, so that a
 # layer whose factor vanishes (a dead unit, an all-zero input) gets a finite π.
 # It is far below any scale a loss gives G (a mean over 10⁶ outputs of a
@@ -63,7 +65,8 @@ def all_finite(tensors) -> tf.Tensor:
     an elementwise check; a sum that overflows from finite values also counts as
     not finite, which errs on the safe side.
     """
-    checks = [tf.math.is_finite(tf.reduce_sum(tf.cast(t, tf.float32))) for t in tensors]
+    checks = [tf.math.is_finite(tf.reduce_sum(tf.cast(sparse.values(t), tf.float32)))
+              for t in tensors]
     if not checks:
         return tf.constant(True)
     return tf.reduce_all(tf.stack(checks))

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac import distribute
+from tf_kfac import distribute, sparse
 from tf_kfac.linalg import all_finite
 
 
@@ -85,7 +85,7 @@ class LossScaling:
     @staticmethod
     def overflowed(grads, statistics) -> tf.Tensor:
         """True when a (unscaled) gradient or batch statistic is not finite."""
-        values = [tf.convert_to_tensor(g) for g in grads if g is not None]
+        values = [sparse.values(g) for g in grads if g is not None]
         return tf.logical_not(all_finite(values + tf.nest.flatten(statistics)))
 
     def update(self, overflow: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from tf_kfac import sparse
 from tf_kfac.adaptive import inner_product
 
 
@@ -51,15 +52,23 @@ def fixed_step(
     directions = list(directions)
     if kl_bound is not None:
         scale = kl_clip_scale(directions, grads, lr, kl_bound)
-        directions = [None if d is None else d * tf.cast(scale, d.dtype) for d in directions]
+        directions = [None if d is None else sparse.scale(d, scale) for d in directions]
         logs["kl_scale"] = scale
     present = [i for i, d in enumerate(directions) if d is not None]
     clipped = clip([directions[i] for i in present])
     updates: list[tf.Tensor | None] = [None] * len(variables)
     new_buffers: list[tf.Tensor | None] = [None] * len(variables)
+    rows_only = tf.get_static_value(momentum) == 0  # a constant 0: see tf_kfac/sparse.py
     for i, direction in zip(present, clipped, strict=True):
         variable, buffer = variables[i], buffers[i]
-        new_buffers[i] = tf.cast(momentum, buffer.dtype) * buffer + direction
+        if sparse.is_sparse(direction) and rows_only:
+            new_buffers[i] = direction
+            updates[i] = sparse.scale(direction, -lr)
+            continue
+        if sparse.is_sparse(direction):
+            new_buffers[i] = sparse.add_rows(tf.cast(momentum, buffer.dtype) * buffer, direction)
+        else:
+            new_buffers[i] = tf.cast(momentum, buffer.dtype) * buffer + direction
         delta = tf.cast(lr, variable.dtype) * new_buffers[i]
         decay = weight_decay(variable)
         if decay is not None:

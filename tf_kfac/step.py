@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_kfac import distribute, rules
+from tf_kfac import distribute, rules, sparse
 from tf_kfac.adaptive_rule import AdaptiveRule
 from tf_kfac.estimator import CurvatureEstimator
 from tf_kfac.linalg import all_finite
@@ -64,6 +64,15 @@ class KFACState:
                              tf.equal(tf.cast(iteration, tf.int64) % interval, 0))
 
 
+def _keeps_sparse(settings: Any, variables, weight_decay) -> list[bool]:
+    """Which variables' row-sparse gradients stay sparse (tf_kfac/sparse.py)."""
+    whole = (settings.adaptive or bool(settings.l2_reg) or distribute.num_replicas() > 1
+             or any(getattr(settings, name, None)
+                    for name in ("clipnorm", "clipvalue", "global_clipnorm")))
+    return [not whole and weight_decay(v) is None and v.constraint is None
+            for v in variables]
+
+
 def apply_update(
     settings: Any, state: KFACState, estimator: CurvatureEstimator, variables, grads, loss,
     statistics, context, loss_scale, *, iteration: tf.Tensor, lr: tf.Tensor,
@@ -103,7 +112,7 @@ def apply_update(
     else:
         gamma = tf.sqrt(damping * loss_scale + settings.l2_reg)
 
-    grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    grads = sparse.prepare(grads, _keeps_sparse(settings, variables, weight_decay))
     # Across replicas: the objective and gradients are summed (each replica's
     # loss is scaled by 1/replicas), with a count of replicas whose statistics
     # were not finite; the statistics themselves stay local.
@@ -185,6 +194,10 @@ def apply_update(
     for variable, buffer, update, new_buffer in zip(
             variables, state.momentums, updates, buffers, strict=True):
         if update is None:
+            continue
+        if sparse.is_sparse(update):  # rows seen only (one replica: tf_kfac/sparse.py)
+            sparse.write_rows(buffer, new_buffer, ok, add=False)
+            sparse.write_rows(variable, update, ok, add=True)
             continue
         writes.append((buffer, tf.where(ok, tf.cast(new_buffer, buffer.dtype), buffer), None))
         value = variable + tf.where(ok, update, tf.zeros_like(update))

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import _keras_internals as internals
-from tf_kfac import capture
+from tf_kfac import capture, sparse
 from tf_kfac.capture import LayerCall
 
 
@@ -41,9 +41,13 @@ class CurvatureBlock(abc.ABC):
         kind: short name shown in the summary table.
         name: the layer's or variable's path.
         variables: the model variables this block preconditions, in order.
+        sparse_gradients: whether `precondition` takes a row-sparse gradient
+            (`tf.IndexedSlices` with unique rows, tf_kfac/sparse.py) as it is;
+            other blocks receive it dense.
     """
 
     kind: str = ""
+    sparse_gradients: bool = False
 
     def __init__(self, name: str, variables: Sequence[keras.Variable]):
         self.name = name
@@ -145,13 +149,15 @@ class FirstOrderBlock(CurvatureBlock):
     """
 
     kind = "first-order"
+    sparse_gradients = True
 
     def __init__(self, variable: keras.Variable, reason: str):
         super().__init__(variable.path, [variable])
         self.reason = reason
 
     def precondition(self, gradients, refreshed, loss_scale):
-        return [g / tf.cast(loss_scale, g.dtype) for g in gradients]
+        return [sparse.map_values(g, lambda v: v / tf.cast(loss_scale, v.dtype))
+                for g in gradients]
 
     def describe(self) -> str:
         return self.reason

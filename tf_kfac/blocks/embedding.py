@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tf_kfac import masks
+from tf_kfac import masks, sparse
 from tf_kfac.blocks.base import CurvatureBlock
 from tf_kfac.blocks.kronecker import FactorPair
 from tf_kfac.linalg import damped_inverse, pi_from_means
@@ -22,6 +22,7 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
     """
 
     kind = "embedding"
+    sparse_gradients = True
     a_suffix = "kfac_A_diagonal"
 
     def __init__(self, layer):
@@ -97,10 +98,15 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
         return [1.0 / (a + pi * gamma), damped_inverse(g, gamma / pi)]
 
     def precondition(self, gradients, refreshed, loss_scale):
+        """diag(A)⁻¹ ∇ G⁻¹; for a row-sparse gradient on its rows only (no vocab × d × d)."""
         a_inverse, g_inverse = refreshed
-        gradient = tf.convert_to_tensor(tf.cast(gradients[0], tf.float32))
-        direction = a_inverse[:, None] * tf.matmul(gradient, g_inverse)
-        return [tf.cast(direction, self.variables[0].dtype)]
+        gradient, dtype = gradients[0], self.variables[0].dtype
+        if sparse.is_sparse(gradient):
+            rows = tf.matmul(tf.cast(gradient.values, tf.float32), g_inverse)
+            rows *= tf.gather(a_inverse, gradient.indices)[:, None]
+            return [sparse.with_values(gradient, tf.cast(rows, dtype))]
+        direction = a_inverse[:, None] * tf.matmul(tf.cast(gradient, tf.float32), g_inverse)
+        return [tf.cast(direction, dtype)]
 
     def dense_curvature(self, a_factor, g_factor):
         """kron(diag(A), G) over row-major vec(embeddings) (tests)."""
