@@ -21,9 +21,11 @@ from tf_kfac.fit import fit_train_step  # noqa: E402
 from tf_kfac.hyperparameters import FISHER_ESTIMATORS  # noqa: E402
 from tf_kfac.losses import SUPPORTED_LOSSES  # noqa: E402
 from tf_kfac.optimizer import KFAC  # noqa: E402
+from tf_kfac.saving import save_model  # noqa: E402
 
 __version__ = "0.2.0.dev0"
-__all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__", "register_block"]
+__all__ = ["FISHER_ESTIMATORS", "KFAC", "SUPPORTED_LOSSES", "__version__", "register_block",
+           "save_model"]
 
 
 def _find_kfac(optimizer):
