@@ -61,36 +61,44 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
         full = masks.broadcast_to_input(call.mask, tf.zeros_like(ids, tf.float32), self.name)
         return tf.reshape(full, [tf.shape(ids)[0], -1])
 
-    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
-        """Counts and G over the real positions only (a Keras mask, `mask_zero`)."""
-        batch = tf.cast(batch_size, tf.float32)
-        counts = tf.zeros([self.vocabulary], tf.float32)
+    def _rows(self, calls, output_gradients):
+        """(ids (B, T), mask (B, T) or None, output-gradient rows (B, T, d) per set), the
+        positions of all calls side by side."""
         call_masks = [self._mask(call) for call in calls]
-        for call, mask in zip(calls, call_masks, strict=True):
-            ids = tf.reshape(tf.cast(call.inputs, tf.int32), [tf.shape(call.inputs)[0], -1])
-            weights = tf.ones_like(ids, tf.float32) if mask is None else mask
-            if example_weights is not None:
-                weights *= tf.cast(example_weights, tf.float32)[:, None]
-            counts += tf.math.unsorted_segment_sum(
-                tf.reshape(weights, [-1]), tf.reshape(ids, [-1]), self.vocabulary)
-        total = batch if example_weights is None else tf.reduce_sum(example_weights)
-        a = tf.math.divide_no_nan(counts, tf.cast(total, tf.float32))
+        ids = [tf.reshape(tf.cast(call.inputs, tf.int32), [tf.shape(call.inputs)[0], -1])
+               for call in calls]
         mask = None
         if any(m is not None for m in call_masks):
-            parts = [tf.ones(tf.shape(tf.reshape(c.inputs, [tf.shape(c.inputs)[0], -1])))
-                     if m is None else m for c, m in zip(calls, call_masks, strict=True)]
-            mask = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+            mask = _concat([tf.ones(tf.shape(i), tf.float32) if m is None else m
+                            for i, m in zip(ids, call_masks, strict=True)])
+        rows = [_concat([tf.reshape(tf.cast(gr[-1], tf.float32),
+                                    [tf.shape(gr[-1])[0], -1, self.output_size])
+                         for gr in grads]) for grads in output_gradients]
+        return _concat(ids), mask, rows
+
+    def _counts_and_g(self, ids, mask, rows, batch_size, g_scale, example_weights):
+        """A's diagonal (the weighted counts) and G, over the real positions only."""
+        batch = tf.cast(batch_size, tf.float32)
+        weights = tf.ones_like(ids, tf.float32) if mask is None else mask
+        if example_weights is not None:
+            weights *= tf.cast(example_weights, tf.float32)[:, None]
+        counts = tf.math.unsorted_segment_sum(
+            tf.reshape(weights, [-1]), tf.reshape(ids, [-1]), self.vocabulary)
+        total = batch if example_weights is None else tf.reduce_sum(example_weights)
+        a = tf.math.divide_no_nan(counts, tf.cast(total, tf.float32))
         g = 0.0
-        for grads in output_gradients:
-            rows = [tf.reshape(tf.cast(gr[-1], tf.float32), [tf.shape(gr[-1])[0], -1,
-                                                            self.output_size]) for gr in grads]
-            rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
-            weights = masks.expand_g_weights(mask, tf.shape(rows)[1])
+        for set_rows in rows:
+            position_weights = masks.expand_g_weights(mask, tf.shape(set_rows)[1])
             if mask is not None:
-                weights = tf.reshape(weights, [-1, 1])
-            rows = tf.reshape(rows, [-1, self.output_size])
-            g += tf.matmul(rows * weights, rows, transpose_a=True) * (g_scale / batch)
-        return [a, g]
+                position_weights = tf.reshape(position_weights, [-1, 1])
+            flat = tf.reshape(set_rows, [-1, self.output_size])
+            g += tf.matmul(flat * position_weights, flat, transpose_a=True) * (g_scale / batch)
+        return a, g
+
+    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        """Counts and G over the real positions only (a Keras mask, `mask_zero`)."""
+        ids, mask, rows = self._rows(calls, output_gradients)
+        return list(self._counts_and_g(ids, mask, rows, batch_size, g_scale, example_weights))
 
     def refresh(self, statistics, gamma):
         a, g = statistics
@@ -116,3 +124,7 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
 
     def describe(self) -> str:
         return f"A diagonal {self.vocabulary}, G {self.output_size}x{self.output_size}"
+
+
+def _concat(parts: list[tf.Tensor]) -> tf.Tensor:
+    return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
