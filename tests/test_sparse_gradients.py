@@ -1,4 +1,4 @@
-"""Row-sparse Embedding gradients stay sparse from the gradient to the update (tf_kfac/sparse.py).
+"""Row-sparse Embedding gradients kept to the update (tf_kfac/sparse.py; docs/design.md oracle 19).
 
 The reference for the preconditioned rows is dense NumPy, diag(A)⁻¹ ∇ G⁻¹ over the
 whole vocabulary; the reference trajectory is the same training with every gradient

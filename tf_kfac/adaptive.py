@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from tf_kfac import distribute, sparse
-from tf_kfac.losses import LossSpec
+from tf_kfac.losses import LossSpec, broadcastable
 
 RHO_HIGH = 0.75
 RHO_LOW = 0.25
@@ -74,10 +74,13 @@ class OutputContext:
         network_output: maps model inputs to the network output z (logits
             for the cross-entropies), with no side effects on model state.
         inputs: the subset of the batch the quadratic model uses.
-        example_weights: the subset's sample weights.
+        example_weights: the subset's weights of the loss's terms: one per
+            example, or one per output position for a masked output.
         spec: the loss's predictive distribution.
         batch_size: the full (global, across replicas) batch size B, for the
             `"sum"` reduction.
+        scale: c on this replica's batch, or None for the spec's c of the
+            network output (which does not count an output mask).
     """
 
     network_output: Callable
@@ -85,6 +88,7 @@ class OutputContext:
     example_weights: tf.Tensor
     spec: LossSpec
     batch_size: tf.Tensor
+    scale: tf.Tensor | None = None
 
 
 def output_jvp(context: OutputContext, variables, tangents) -> tuple[tf.Tensor, tf.Tensor]:
@@ -107,11 +111,12 @@ def fisher_gram(context: OutputContext, jvps: Sequence[tf.Tensor], z: tf.Tensor)
     """The matrix [uᵢᵀ F uⱼ] from the Jacobian-vector products J·uᵢ.
 
     F = (1/n) Σ over the n examples of c·wᵢ·Jᵢᵀ Hᵢ Jᵢ, H the Hessian of
-    −log p with respect to z.
+    −log p with respect to z (wᵢ per term of the loss for a masked output).
     """
     n = tf.cast(tf.shape(z)[0], tf.float32)
-    weights = context.spec.scale(z, context.batch_size) * context.example_weights / n
-    weights = tf.reshape(weights, [-1] + [1] * (z.shape.rank - 1))
+    scale = (context.spec.scale(z, context.batch_size) if context.scale is None
+             else context.scale)
+    weights = scale * broadcastable(context.example_weights, z.shape.rank) / n
     products = [context.spec.output_hessian_product(z, j) for j in jvps]
     k = len(jvps)
     rows = []

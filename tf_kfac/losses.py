@@ -15,7 +15,8 @@ network's output z (logits for the cross-entropies, the prediction for MSE):
 H·W for a per-pixel one) and "elements" the number of output entries per
 example, because Keras averages over them. A loss weight from `compile` and
 the `"sum"` reduction (which skips the division by the batch size) scale c
-further.
+further, and so does a Keras mask on the output with the mean reductions
+(`tf_kfac/loss_masks.py`), which weighs the loss's terms one by one.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class LossSpec:
 
         With the `"sum"` reduction Keras sums the loss over the batch and the
         output positions instead of averaging, so c carries the batch size B
-        (that of `z` unless given) and the number of positions.
+        (that of `z` unless given) and the number of positions. A Keras mask on
+        the output raises c further (`loss_masks.OutputWeights.ratio`).
         """
         c = self.weight / self.elements_per_example(z)
         if self.sum_reduction:
@@ -149,12 +151,14 @@ class LossSpec:
         return tf.math.log(p) - tf.math.log1p(-p)
 
     # ---------------------------------------------------------- sampling
-    def sampled_nll(self, z: tf.Tensor, seed: tf.Tensor, example_weights: tf.Tensor) -> tf.Tensor:
-        """Σᵢ √wᵢ · (−log p(ỹᵢ | zᵢ)) with ỹᵢ drawn from the model's distribution.
+    def sampled_nll(self, z: tf.Tensor, seed: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        """Σ √w · (−log p(ỹ | z)) with ỹ drawn from the model's distribution.
 
-        Its gradient with respect to a layer's pre-activations has, in row i,
-        √wᵢ times the per-example gradient for a sampled target, so that the
-        outer products of the rows carry the example weights wᵢ.
+        `weights` has one weight per example (B,) or one per term of the loss
+        (z's shape without its last axis, for a masked output). The gradient with
+        respect to a layer's pre-activations has, in row i, √w times the gradient
+        for a sampled target, so that the outer products of the rows carry the
+        weights once; a term of weight 0 draws nothing.
         """
         z = tf.cast(z, tf.float32)
         if self.kind == _CATEGORICAL:
@@ -177,19 +181,20 @@ class LossSpec:
             noise = tf.random.stateless_normal(tf.shape(z), seed=seed)
             draws = tf.stop_gradient(z + noise * math.sqrt(0.5))
             nll = tf.square(draws - z)  # (y − z)² / (2σ²) with σ² = ½
-        per_example = tf.reduce_sum(tf.reshape(nll, [tf.shape(z)[0], -1]), axis=1)
-        return tf.reduce_sum(tf.sqrt(example_weights) * per_example)
+        return tf.reduce_sum(tf.sqrt(broadcastable(weights, nll.shape.rank)) * nll)
 
     # ------------------------------------------------------ exact Fisher
-    def hessian_sqrt_columns(self, z: tf.Tensor, example_weights: tf.Tensor) -> Iterator[tf.Tensor]:
+    def hessian_sqrt_columns(self, z: tf.Tensor, weights: tf.Tensor) -> Iterator[tf.Tensor]:
         """Columns u of L (H = L Lᵀ, H the Hessian of −log p w.r.t. z), per element.
 
         Yields one tensor shaped like z per output element (per class and
-        position for the categorical case); backpropagating all of them and
-        summing outer products gives the exact GGN. Needs a static output shape.
+        position for the categorical case), times √w of its example (`weights`
+        of shape (B,)) or of its term (z's shape without its last axis);
+        backpropagating all of them and summing outer products gives the exact
+        GGN. Needs a static output shape.
         """
         z = tf.cast(z, tf.float32)
-        root_w = tf.reshape(tf.sqrt(example_weights), [-1] + [1] * (z.shape.rank - 1))
+        root_w = tf.sqrt(broadcastable(weights, z.shape.rank))
         shape = z.shape[1:]
         if not shape.is_fully_defined():
             raise ValueError(
@@ -229,6 +234,13 @@ class LossSpec:
             p = tf.sigmoid(z)
             return p * (1.0 - p) * v
         return 2.0 * v
+
+
+def broadcastable(weights: tf.Tensor, rank: int) -> tf.Tensor:
+    """Weights per example or per term of the loss, with unit axes up to `rank`."""
+    weights = tf.cast(weights, tf.float32)
+    extra = rank - weights.shape.rank
+    return tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([extra], tf.int32)], 0))
 
 
 def _canonical(loss: Any) -> tuple[str, bool, str] | None:
@@ -297,6 +309,14 @@ def resolve_loss(loss: Any, loss_weights: Any = None, output_names: Any = None) 
     if canonical is None:
         raise UnsupportedLossError(unsupported_loss_message(loss))
     name, from_logits, reduction = canonical
+    ignored = loss.get_config().get("ignore_class") if isinstance(loss, keras.losses.Loss) else None
+    if ignored is not None:
+        raise UnsupportedLossError(
+            f"The loss {loss!r} leaves out the terms whose target is {ignored} "
+            "(ignore_class), a mask that depends on the targets, which K-FAC's "
+            "fisher='sampled' and fisher='exact' never see. Use KFAC(fisher='empirical'), "
+            "or mark the positions to leave out with a Keras mask on the model's output "
+            "(Keras's loss applies it, and so does K-FAC).")
     if reduction not in ("sum_over_batch_size", "mean", "sum"):
         raise UnsupportedLossError(
             f"K-FAC supports the reductions 'sum_over_batch_size' (Keras's default) and "

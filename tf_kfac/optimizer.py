@@ -46,7 +46,8 @@ class KFAC(keras.optimizers.Optimizer):
     c is the loss's scale: Keras's per-example loss is c·(−log p(y|z)) (1 for
     a classifier's cross-entropy, 1/d for `binary_crossentropy` and `mse` over
     d outputs, times the loss weight, times B and the positions with
-    `reduction="sum"`; 1 for a loss tf_kfac does not know). `damping` and
+    `reduction="sum"`; with a Keras mask on the output, only its real positions
+    count; 1 for a loss tf_kfac does not know). `damping` and
     `kl_clip` are relative to it, so multiplying the loss by a constant leaves
     the run unchanged, as with Adam: `kl_clip` bounds the predicted KL
     divergence per example of the model's predictive distribution.
@@ -353,7 +354,7 @@ class KFAC(keras.optimizers.Optimizer):
         if self.adaptive:
             context = training.step_context(
                 state.spec, state.candidates, self.quadratic_model_fraction, var_list, x,
-                measured.weights, measured.global_batch, forward, objective)
+                measured.output.weights, measured.global_batch, forward, objective, measured.c)
         overflow = None if scaling is None else scaling.overflowed(grads, statistics)
         damping = (tf.convert_to_tensor(self._kfac.state.damping) if self.adaptive
                    else self._current(self.damping))

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tf_kfac import capture, distribute
+from tf_kfac import capture, distribute, loss_masks
 from tf_kfac.adaptive import OutputContext
 from tf_kfac.estimator import CurvatureEstimator
 from tf_kfac.loss_scaling import unscale
@@ -71,6 +71,8 @@ class ForwardPass:
     z: tf.Tensor | None  # the network output (estimators other than "empirical")
     sampled: tf.Tensor | None  # the sampled targets' NLL ("sampled")
     weights: tf.Tensor  # per-example weights (ones without sample weights)
+    output: loss_masks.OutputWeights  # the weights of the loss's terms (masks)
+    c: tf.Tensor  # the loss's scale on this replica's batch (1 for an unknown loss)
     batch_size: tf.Tensor  # this replica's B
     global_batch: tf.Tensor  # B across replicas
     scale: tf.Tensor | None = None  # S, the dynamic loss scale (float16 computation)
@@ -83,6 +85,9 @@ def forward_pass(layers, spec: LossSpec | None, fisher: str, seed: Callable[[], 
 
     With a loss scale S (`tf_kfac/loss_scaling.py`) the tape also records S·h
     and S times the sampled targets' NLL, whose gradients are the ones taken.
+    A Keras mask on the output weighs the loss's terms and raises c
+    (`tf_kfac/loss_masks.py`); it is read before the loss, so that a mask that
+    K-FAC cannot follow raises its error first.
     """
     first_input = next(t for t in tf.nest.flatten(x) if t is not None)
     batch_size = tf.shape(first_input)[0]
@@ -93,17 +98,25 @@ def forward_pass(layers, spec: LossSpec | None, fisher: str, seed: Callable[[], 
     with tf.GradientTape(persistent=fisher != "empirical") as tape:
         with capture.recording(layers) as recording:
             y_pred = forward(x)
+        output = loss_masks.output_weights(
+            spec, single_output(y_pred),
+            None if sample_weight is None else single_output(sample_weight), weights)
         loss = objective(y_pred)
         z = sampled = None
         if fisher != "empirical":
             z = _network_output(spec, single_output(y_pred), recording)
             if fisher == "sampled":
-                sampled = spec.sampled_nll(z, seed(), weights)
+                sampled = spec.sampled_nll(z, seed(), output.weights)
                 if scale is not None:
                     sampled = sampled * scale
         scaled_loss = None if scale is None else loss * tf.cast(scale, loss.dtype)
-    return ForwardPass(tape, recording, y_pred, loss, z, sampled, weights, batch_size,
-                       global_batch, scale, scaled_loss)
+    # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
+    c = (spec.scale(single_output(y_pred) if z is None else z, global_batch)
+         if spec is not None else tf.constant(1.0))
+    if output.ratio is not None:
+        c = c * output.ratio
+    return ForwardPass(tape, recording, y_pred, loss, z, sampled, weights, output, c,
+                       batch_size, global_batch, scale, scaled_loss)
 
 
 def gradients_and_statistics(
@@ -115,7 +128,9 @@ def gradients_and_statistics(
     The statistics (and the estimator's extra backward pass) are computed only
     when `statistics_due`; otherwise they are zeros. Under a loss scale S, the
     gradients and the estimator's pre-activation gradients are of S·h and are
-    returned divided by S, in float32.
+    returned divided by S, in float32. G carries this replica's c; the c
+    returned (for damping, the KL bound and the fallback) is its mean over the
+    replicas, which differ only when an output mask counts their real terms.
     """
     tape = step.tape
     target = step.loss if step.scale is None else step.scaled_loss
@@ -129,9 +144,7 @@ def gradients_and_statistics(
         grads = tape.gradient(target, var_list)
     grads = [unscale(g, step.scale) for g in grads]
 
-    # c, the loss's scale; 1 for a loss tf_kfac does not know (fisher="empirical").
-    loss_scale = (spec.scale(single_output(step.y_pred) if step.z is None else step.z,
-                             step.global_batch) if spec is not None else tf.constant(1.0))
+    loss_scale = step.c
 
     def gradient_sets():
         """The estimator's per-example pre-activation gradients, and G's scale."""
@@ -147,7 +160,7 @@ def gradients_and_statistics(
         if fisher == "sampled":
             rows = tape.gradient(step.sampled, flat_preacts)
             return [[unscale(g, step.scale) for g in rows]], loss_scale
-        columns = spec.hessian_sqrt_columns(step.z, step.weights)
+        columns = spec.hessian_sqrt_columns(step.z, step.output.weights)
         if step.scale is not None:
             columns = [u * tf.cast(step.scale, u.dtype) for u in columns]
         return ([[unscale(g, step.scale)
@@ -165,6 +178,8 @@ def gradients_and_statistics(
         statistics = tf.cond(statistics_due, batch_statistics, estimator.zero_statistics)
     else:
         statistics = []
+    if step.output.ratio is not None:
+        (loss_scale,) = distribute.all_reduce("mean", [loss_scale])
     return list(grads), statistics, loss_scale
 
 
@@ -184,7 +199,13 @@ class StepContext:
 
 
 def step_context(spec: LossSpec, layers, fraction: float, variables, x, weights, global_batch,
-                 forward, objective) -> StepContext:
+                 forward, objective, scale=None) -> StepContext:
+    """The quadratic model's view of this batch.
+
+    `weights` are the loss's weights per example or per term
+    (`ForwardPass.output.weights`) and `scale` this replica's c (by default the
+    spec's c of the network output).
+    """
     local_batch = tf.shape(weights)[0]
     count = tf.cast(tf.math.ceil(fraction * tf.cast(local_batch, tf.float32)), tf.int32)
     count = tf.maximum(count, 1)
@@ -205,6 +226,7 @@ def step_context(spec: LossSpec, layers, fraction: float, variables, x, weights,
         example_weights=weights[:count],
         spec=spec,
         batch_size=global_batch,
+        scale=scale,
     )
     return StepContext(output=output, objective_at=objective_at)
 
