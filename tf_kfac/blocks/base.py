@@ -65,6 +65,12 @@ class CurvatureBlock(abc.ABC):
     preactivation = None
 
     @classmethod
+    def eigenbasis_variant(cls) -> type | None:
+        """This kind's own EKFAC block (`curvature="ekfac"`), if it has one beyond the
+        generic variant of Kronecker kinds (tf_kfac/blocks/ekfac.py)."""
+        return None
+
+    @classmethod
     def record_calls(cls, layer: keras.layers.Layer) -> None:
         """Makes `layer` record its calls inside K-FAC's step: by default its
         input and its output before its activation (see `preactivation`)."""

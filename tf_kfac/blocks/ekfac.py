@@ -170,9 +170,14 @@ def variant(block_type: type) -> type:
 
 def block_for(block_type: type, layer, curvature: str):
     """The block of `layer` for `curvature`: the EKFAC variant when its kind has one
-    (and its input and output positions pair up), else the K-FAC block."""
+    (its own `eigenbasis_variant`, or the generic one of a Kronecker kind whose input
+    and output positions pair up), else the K-FAC block."""
     block = block_type(layer)
-    if curvature == "ekfac" and supports(block_type) and getattr(
-            block, "positions_aligned", True):
+    if curvature != "ekfac":
+        return block
+    own = block_type.eigenbasis_variant()
+    if own is not None:
+        return own(layer)
+    if supports(block_type) and getattr(block, "positions_aligned", True):
         return variant(block_type)(layer)
     return block

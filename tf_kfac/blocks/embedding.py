@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from tf_kfac import masks, sparse
-from tf_kfac.blocks.base import CurvatureBlock
+from tf_kfac.blocks.base import CurvatureBlock, add_state
+from tf_kfac.blocks.ekfac import EigenbasisRescaling, eigenbasis
 from tf_kfac.blocks.kronecker import FactorPair
 from tf_kfac.linalg import damped_inverse, pi_from_means
 
@@ -40,6 +43,10 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
         if id(layer.embeddings) not in trainable_ids:
             return "embeddings are not trainable"
         return None
+
+    @classmethod
+    def eigenbasis_variant(cls) -> type:
+        return EKFACEmbeddingBlock
 
     @property
     def layer(self):
@@ -125,6 +132,87 @@ class EmbeddingBlock(FactorPair, CurvatureBlock):
     def describe(self) -> str:
         return f"A diagonal {self.vocabulary}, G {self.output_size}x{self.output_size}"
 
+
+
+class EKFACEmbeddingBlock(EigenbasisRescaling, EmbeddingBlock):
+    """EKFAC for an Embedding: A is diagonal, so its eigenbasis is the identity and
+    Q = I ⊗ U_G. S (vocab × d) holds, per token v, S_v = c·(1/B) Σᵢ (U_Gᵀ ∇Eᵢ[v])²,
+    ∇Eᵢ[v] = Σₜ mᵢₜ [xᵢₜ = v] gᵢₜ the example's gradient of row v (summed over the
+    positions that look v up, padding excluded): the rows of the (example, token)
+    pairs the batch holds, never a B × vocab × d tensor. Until S is measured in a
+    new basis the scaling is K-FAC's own, A_v·λ_G. A row-sparse gradient is
+    preconditioned on its rows only, as in K-FAC.
+    """
+
+    def build(self, optimizer) -> None:
+        state = functools.partial(add_state, optimizer, self.name)
+        vocab, d = self.vocabulary, self.output_size
+        self.a_factor = state(self.a_suffix, (vocab,), True)
+        self.g_factor = state("kfac_G", (d, d), True)
+        self.second_moments = state("ekfac_S", (vocab, d), True)
+        self.moments_basis = state("ekfac_S_basis", (), True)
+        self.moments_count = state("ekfac_S_count", (), True)
+        self.a_eigenvalues = state("ekfac_A_eigenvalues", (vocab,))
+        self.g_basis = state("ekfac_G_basis", (d, d))
+        self.g_eigenvalues = state("ekfac_G_eigenvalues", (d,))
+        self.basis = state("ekfac_basis", ())
+        self.damping = state("ekfac_damping", ())
+
+    @property
+    def refreshed(self):
+        return (self.a_eigenvalues, self.g_basis, self.g_eigenvalues, self.basis, self.damping)
+
+    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        """[A, G] as K-FAC, S_batch, the basis it was measured in, 1 (one batch)."""
+        ids, mask, rows = self._rows(calls, output_gradients)
+        factors = self._counts_and_g(ids, mask, rows, batch_size, g_scale, example_weights)
+        # One key per (example, token) pair: its rows summed are the example's row gradient.
+        keys = (tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None] * self.vocabulary
+                + tf.cast(ids, tf.int64))
+        pairs, pair_of = tf.unique(tf.reshape(keys, [-1]))
+        token = pairs % self.vocabulary
+        g_basis = tf.convert_to_tensor(self.g_basis)
+        moments = tf.zeros([self.vocabulary, self.output_size])
+        for set_rows in rows:  # the gradients carry √wᵢ, so S = (1/B) Σ wᵢ (·)²
+            if mask is not None:
+                set_rows *= mask[..., None]
+            projected = tf.matmul(tf.reshape(set_rows, [-1, self.output_size]), g_basis)
+            per_pair = tf.math.unsorted_segment_sum(projected, pair_of, tf.size(pairs))
+            moments += tf.math.unsorted_segment_sum(tf.square(per_pair), token, self.vocabulary)
+        moments *= g_scale / tf.cast(batch_size, tf.float32)
+        return [*factors, moments, tf.convert_to_tensor(self.basis), tf.ones([])]
+
+    def refresh(self, statistics, gamma):
+        g_values, g_vectors = eigenbasis(statistics[1])
+        return [tf.convert_to_tensor(statistics[0]), g_vectors, g_values,
+                tf.convert_to_tensor(self.basis) + 1.0, tf.square(tf.cast(gamma, tf.float32))]
+
+    def preconditioner(self, refreshed, statistics):
+        """[A, U_G, λ_G, S, whether S was measured in the current basis, δ]."""
+        a_values, g_vectors, g_values, basis, damping = refreshed
+        return [a_values, g_vectors, g_values, statistics[2],
+                tf.equal(statistics[3], basis), damping]
+
+    def precondition(self, gradients, refreshed, loss_scale):
+        """[(∇ U_G) ⊘ (S + δ)] U_Gᵀ, on the rows of a row-sparse gradient only."""
+        a_values, g_vectors, g_values, moments, measured, damping = refreshed
+        gradient, dtype = gradients[0], self.variables[0].dtype
+        if sparse.is_sparse(gradient):
+            rows, a_rows = gradient.values, tf.gather(a_values, gradient.indices)
+            moments = tf.gather(moments, gradient.indices)
+        else:
+            rows, a_rows = gradient, a_values
+        kfac = tf.maximum(a_rows, 0.0)[:, None] * tf.maximum(g_values, 0.0)[None, :]
+        scaling = tf.where(measured, moments, kfac) + damping
+        projected = tf.matmul(tf.cast(rows, tf.float32), g_vectors) / scaling
+        direction = tf.cast(tf.matmul(projected, g_vectors, transpose_b=True), dtype)
+        if sparse.is_sparse(gradient):
+            return [sparse.with_values(gradient, direction)]
+        return [direction]
+
+    def describe(self) -> str:
+        return (f"A diagonal {self.vocabulary}, G {self.output_size}x{self.output_size}; "
+                f"eigenbasis of G, S {self.vocabulary}x{self.output_size}")
 
 def _concat(parts: list[tf.Tensor]) -> tf.Tensor:
     return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
