@@ -61,3 +61,15 @@ def to64():
 def rel_err():
     """`rel_err(actual, desired)`: relative Frobenius error in float64."""
     return _rel_err
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """The one MirroredStrategy over the two logical CPUs that runs collectives in the tests.
+
+    TensorFlow numbers collective operations per strategy object from the same
+    start, so two strategies over the same devices in one process can collide
+    in its collective cache (a "shape mismatch in the collective instance"):
+    every test that trains on two replicas takes this one.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

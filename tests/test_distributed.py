@@ -1,6 +1,6 @@
 """K-FAC under tf.distribute: two replicas give the same run as one device.
 
-MirroredStrategy on two logical CPU devices (set up in conftest.py), each
+MirroredStrategy on two logical CPU devices (conftest.py's `mirrored`), each
 replica with half of the global batch, against one device with the whole
 batch: weights, factors and inverses after several steps agree within float
 tolerance, for the estimators that involve no random draws.
@@ -15,18 +15,6 @@ import tensorflow as tf
 
 import tf_kfac
 
-DEVICES = ["/cpu:0", "/cpu:1"]
-
-
-@pytest.fixture(scope="module")
-def mirrored():
-    """One MirroredStrategy for the whole module.
-
-    TensorFlow numbers collective operations per strategy object from the same
-    start, so two strategies over the same devices in one process can collide
-    in its collective cache (a "shape mismatch in the collective instance").
-    """
-    return tf.distribute.MirroredStrategy(DEVICES)
 GLOBAL_BATCH = 16
 STEPS = 7
 

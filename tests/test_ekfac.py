@@ -470,15 +470,6 @@ def test_config_carries_curvature_and_rejects_unknown_values():
             tf_kfac.KFAC(curvature=bad)
 
 
-def test_ekfac_refuses_more_than_one_replica():
-    strategy = tf.distribute.MirroredStrategy(["/device:CPU:0", "/device:CPU:1"])
-    with strategy.scope(), pytest.raises(ValueError, match="curvature='ekfac'.*one replica"):
-        model = _mlp()
-        model.compile(optimizer=tf_kfac.KFAC(curvature="ekfac"),
-                      loss="sparse_categorical_crossentropy")
-        model.optimizer.attach(model)
-
-
 def test_keras_file_resumes_ekfac_exactly(tmp_path, rng):
     """Save mid-run (not on a refresh step, S in the current basis), load, continue:
     the weights and every optimizer variable equal the uninterrupted run's."""

@@ -9,7 +9,12 @@ run the same as one device with the whole batch:
 - each replica keeps its own moving averages of the factor statistics
   (replica-local variables, read as their mean across replicas): a moving
   average of per-replica statistics, averaged, equals the moving average of the
-  averaged statistics, so nothing crosses on the steps that update factors;
+  averaged statistics, so no factor crosses on the steps that update factors;
+- the exception is what the preconditioner reads at every step, EKFAC's
+  rescaling S (`CurvatureBlock.synchronized_statistics`): on the steps that
+  update the statistics, each replica's batch S is averaged across replicas
+  (one collective for all blocks, d_in × d_out floats per layer) before its
+  moving average, which is then the same on every replica;
 - when the inverses refresh, the factors are averaged across replicas, each
   layer's damped inverses are computed on one replica (chosen so that the
   inversion work is balanced by its cost, d³ per factor), and shared by a sum
@@ -34,15 +39,8 @@ SUPPORTED_STRATEGIES = ("MirroredStrategy", "MultiWorkerMirroredStrategy",
                         "OneDeviceStrategy", "the default (no) strategy")
 
 
-def check_strategy(strategy: tf.distribute.Strategy, adapt_gamma: bool = False,
-                   curvature: str = "kfac") -> None:
+def check_strategy(strategy: tf.distribute.Strategy, adapt_gamma: bool = False) -> None:
     """Raises a clear error for strategies K-FAC has not been built for."""
-    if curvature == "ekfac" and strategy.num_replicas_in_sync > 1:
-        raise ValueError(
-            "KFAC(curvature='ekfac') is not supported with more than one replica yet: its "
-            "preconditioner follows the replica-local moving averages of the rescaling "
-            "at every step, which are averaged across replicas only when the factors "
-            "refresh. Use curvature='kfac' or train on one device.")
     if adapt_gamma and strategy.num_replicas_in_sync > 1:
         raise ValueError(
             "KFAC(adapt_gamma=True) is not supported with more than one replica yet: "

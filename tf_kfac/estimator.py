@@ -95,15 +95,34 @@ class CurvatureEstimator:
                 for b in self.curvature_blocks]
 
     def moving_averages(self, batch: Nested, decay: tf.Tensor, when: tf.Tensor) -> Nested:
-        """The statistics' moving averages with `batch` when `when`, else the stored ones."""
+        """The statistics' moving averages with `batch` when `when`, else the stored ones.
+
+        With several replicas, the blocks' `synchronized_statistics` in `batch` are first
+        averaged across them (one collective, which carries nothing unless `when`), so
+        that their moving averages are the same on every replica.
+        """
         if not self.curvature_blocks:
             return []
+        batch = self._synchronized(batch, when)
 
         def updated():
             return [b.moving_average(old, new, decay) for b, old, new in
                     zip(self.curvature_blocks, self._stored("statistics"), batch, strict=True)]
 
         return tf.cond(when, updated, lambda: self._stored("statistics"))
+
+    def _synchronized(self, batch: Nested, when: tf.Tensor) -> Nested:
+        """`batch` with every block's `synchronized_statistics` averaged across replicas."""
+        picked = [(k, i) for k, block in enumerate(self.curvature_blocks)
+                  for i in block.synchronized_statistics]
+        if distribute.num_replicas() == 1 or not picked:
+            return batch
+        values = [batch[k][i] for k, i in picked]
+        averaged = distribute.all_reduce_when(when, "mean", lambda: values, lambda: values)
+        out = [list(block_batch) for block_batch in batch]
+        for (k, i), value in zip(picked, averaged, strict=True):
+            out[k][i] = value
+        return out
 
     def statistics_writes(self, values: Nested, flag: tf.Tensor) -> None:
         """Writes the (replica-local) moving averages when `flag` holds."""
@@ -159,6 +178,7 @@ class CurvatureEstimator:
         several replicas the due blocks' statistics (each replica's moving
         averages) are averaged first, each is refreshed on the one replica that
         owns it (`refresh_schedule`), and the results are shared.
+        The `synchronized_statistics` are the same everywhere and are not averaged.
         """
         blocks = self.curvature_blocks
         if not blocks:
@@ -187,14 +207,28 @@ class CurvatureEstimator:
         else:
             averaged = statistics
             if distribute.num_replicas() > 1:
-                averaged = distribute.all_reduce_each_when(
-                    due, "mean", [lambda v=v: list(v) for v in statistics],
-                    [lambda v=v: list(v) for v in statistics])
+                averaged = self._replica_means(statistics, due)
             results = distribute.all_reduce_each_when(
                 due, "sum", [fresh(k, averaged[k]) for k in range(len(blocks))],
                 [kept(k) for k in range(len(blocks))])
         failed = tf.add_n([r[-1] for r in results])
         return [list(r[:-1]) for r in results], failed
+
+    def _replica_means(self, statistics: Nested, due: Sequence[tf.Tensor]) -> Nested:
+        """The due blocks' statistics averaged across replicas, except their
+        `synchronized_statistics`, which are the same on every replica already."""
+        local = [[i for i in range(len(values)) if i not in block.synchronized_statistics]
+                 for block, values in zip(self.curvature_blocks, statistics, strict=True)]
+        means = distribute.all_reduce_each_when(
+            due, "mean", [lambda v=v, keep=keep: [v[i] for i in keep]
+                          for v, keep in zip(statistics, local, strict=True)],
+            [lambda v=v, keep=keep: [v[i] for i in keep]
+             for v, keep in zip(statistics, local, strict=True)])
+        out = [list(values) for values in statistics]
+        for block_out, keep, block_means in zip(out, local, means, strict=True):
+            for i, mean in zip(keep, block_means, strict=True):
+                block_out[i] = mean
+        return out
 
     def refreshed_writes(self, values: Nested, flags: Sequence[tf.Tensor]) -> list[tuple]:
         """`(variable, value, flag)` writes of the refreshed values (mirrored state), one

@@ -215,7 +215,7 @@ class KFAC(keras.optimizers.Optimizer):
             self.build(model.trainable_variables)
 
     def _check_distribution(self) -> None:
-        distribute.check_strategy(tf.distribute.get_strategy(), self.adapt_gamma, self.curvature)
+        distribute.check_strategy(tf.distribute.get_strategy(), self.adapt_gamma)
 
     @property
     def _blocks(self):

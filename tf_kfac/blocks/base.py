@@ -84,6 +84,13 @@ class CurvatureBlock(abc.ABC):
         """Moving averages of the batch statistics (replica-local), in order."""
         return ()
 
+    # The positions in `statistics` of the moving averages that the preconditioner reads at
+    # every step (EKFAC's rescaling). Under a strategy with several replicas their batch
+    # values are averaged across the replicas on every statistics step, before the moving
+    # average, so that they are the same on every replica, and a refresh does not average
+    # them again. The other statistics stay replica-local until a refresh averages them.
+    synchronized_statistics: tuple[int, ...] = ()
+
     @property
     def refreshed(self) -> tuple[keras.Variable, ...]:
         """What a refresh computes from the statistics (damped inverses), in order."""
@@ -195,6 +202,14 @@ class PartsBlock(CurvatureBlock):
     @property
     def statistics(self):
         return tuple(v for part in self.parts for v in part.statistics)
+
+    @property
+    def synchronized_statistics(self):
+        out, start = [], 0
+        for part in self.parts:
+            out += [start + i for i in part.synchronized_statistics]
+            start += len(part.statistics)
+        return tuple(out)
 
     @property
     def refreshed(self):

@@ -26,8 +26,11 @@ class EigenbasisRescaling:
 
     State, in creation order: the moving averages A, G (as K-FAC), S (d_in,
     d_out), the basis S was measured in and how many batches it averages
-    (replica-local); then what a refresh computes: U_A, U_G, λ_A, λ_G, the
-    basis' number (one more at every refresh) and the damping δ = γ² = λc + η.
+    (replica-local variables: A and G are averaged across replicas at a
+    refresh, while each batch's S is averaged before its moving average, so
+    that S, its basis and count are the same on every replica); then what a
+    refresh computes: U_A, U_G, λ_A, λ_G, the basis' number (one more at every
+    refresh) and the damping δ = γ² = λc + η.
 
     - Statistics: with the stored eigenbasis, S_batch = (g_scale/B) Σᵢ
       (U_Aᵀ ∇W̄ᵢ U_G)², ∇W̄ᵢ = Σₜ āᵢₜ gᵢₜᵀ the example's gradient from the
@@ -44,6 +47,10 @@ class EigenbasisRescaling:
       (after a refresh, until the next statistics) λ_A ⊗ λ_G, K-FAC's own
       diagonal in that basis.
     """
+
+    # S, its basis and its count: the same on every replica (S of each batch averaged
+    # across replicas; the basis is the refreshed, mirrored one).
+    synchronized_statistics = (2, 3, 4)
 
     def __init__(self, layer):
         super().__init__(layer)
