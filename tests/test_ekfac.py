@@ -366,18 +366,21 @@ def test_second_moments_use_the_per_example_gradients_over_positions(kind, shari
 
 
 def test_kinds_without_an_ekfac_variant_keep_their_kfac_blocks(rng):
-    """A depthwise convolution (batched factors) and an EinsumDense whose output
-    lists the positions in another order keep K-FAC; the Dense layer gets EKFAC."""
+    """An EinsumDense whose output lists the positions in another order and a
+    LayerNormalization keep K-FAC; the depthwise convolution (its own EKFAC per
+    channel, tests/test_ekfac_depthwise.py) and the Dense layer get EKFAC."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((3, 4, 2))
     hidden = keras.layers.DepthwiseConv2D((2, 2), padding="same", name="depthwise")(inputs)
     hidden = keras.layers.EinsumDense("abcd,de->acbe", (4, 3, 5), bias_axes="e",
                                       name="transposed")(hidden)
+    hidden = keras.layers.LayerNormalization()(hidden)
     outputs = keras.layers.Dense(3)(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, outputs)
     opt = tf_kfac.KFAC(curvature="ekfac", seed=0)
     opt.attach(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    assert [b.kind for b in opt._blocks] == ["depthwise_conv", "einsum_dense", "dense+ekfac"]
+    assert [b.kind for b in opt._blocks] == ["depthwise_conv+ekfac", "einsum_dense",
+                                             "scale_shift", "dense+ekfac"]
     x = rng.normal(size=(8, 3, 4, 2)).astype("float32")
     result = opt.step(x, rng.integers(0, 3, size=8).astype("int32"))
     assert np.isfinite(float(result["loss"]))

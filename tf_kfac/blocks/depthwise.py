@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
 import tensorflow as tf
 
+from tf_kfac.blocks.ekfac import EigenbasisRescaling
 from tf_kfac.blocks.kronecker import KroneckerBlock
 
 
@@ -35,6 +37,14 @@ class DepthwiseConvBlock(KroneckerBlock):
         self.dilation_rate = tuple(layer.dilation_rate)
         self.padding = layer.padding
         self.channels_first = layer.data_format == "channels_first"
+
+    @classmethod
+    def eigenbasis_variant(cls) -> type | None:
+        """EKFAC per channel (`PerChannelRescaling`), for the kinds that keep this
+        block's statistics."""
+        if cls.batch_statistics is not DepthwiseConvBlock.batch_statistics:
+            return None
+        return _per_channel_variant(cls)
 
     def factor_shapes(self):
         return ((self.channels, self.input_size, self.input_size),
@@ -65,10 +75,25 @@ class DepthwiseConvBlock(KroneckerBlock):
         return tf.reshape(grads, [tf.shape(grads)[0], -1, self.channels, self.multiplier])
 
     def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        rows, outs = self._rows(calls, output_gradients)
+        return self._factors(rows, outs, batch_size, g_scale, example_weights)
+
+    def _rows(self, calls, output_gradients):
+        """(the patches (examples, positions, C, window [+1]), with the bias' 1, and for
+        each gradient set the gradients at s as (examples, positions, C, m)), the
+        positions of all calls side by side."""
         rows = [self.input_rows(tf.cast(call.inputs, tf.float32)) for call in calls]
         rows = tf.concat(rows, axis=1) if len(rows) > 1 else rows[0]
         if self.has_bias:
             rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
+        outs = []
+        for grads in output_gradients:
+            out = [self.output_rows(gr[-1]) for gr in grads]  # the gradients at s
+            outs.append(tf.concat(out, axis=1) if len(out) > 1 else out[0])
+        return rows, outs
+
+    def _factors(self, rows, outs, batch_size, g_scale, example_weights):
+        """[A, G] per channel from `_rows`' patches and gradients."""
         batch = tf.cast(batch_size, tf.float32)
         total = batch
         if example_weights is not None:
@@ -77,9 +102,7 @@ class DepthwiseConvBlock(KroneckerBlock):
             total = tf.reduce_sum(weights)
         a = tf.math.divide_no_nan(tf.einsum("btci,btcj->cij", rows, rows), total)
         g = 0.0
-        for grads in output_gradients:
-            out = [self.output_rows(gr[-1]) for gr in grads]  # the gradients at s
-            out = tf.concat(out, axis=1) if len(out) > 1 else out[0]
+        for out in outs:
             positions = tf.cast(tf.shape(out)[1], tf.float32)
             g += tf.einsum("btci,btcj->cij", out, out) * (g_scale / (batch * positions))
         return [a, g]
@@ -114,3 +137,43 @@ class DepthwiseConvBlock(KroneckerBlock):
     def describe(self) -> str:
         return (f"{self.channels} x (A {self.input_size}x{self.input_size}, "
                 f"G {self.multiplier}x{self.multiplier})")
+
+
+class PerChannelRescaling(EigenbasisRescaling):
+    """EKFAC for a depthwise convolution: each channel c its own eigenbases U_A[c],
+    U_G[c] of A_c and G_c, and S_c = (g_scale/B) Σᵢ (U_A[c]ᵀ ∇W̄ᵢ,c U_G[c])², with
+    ∇W̄ᵢ,c = Σₜ āᵢₜ,c gᵢₜ,cᵀ the example's gradient of the channel's kernel slice
+    (and bias), from the recorded patches and output gradients (no extra pass).
+    Until S is measured in a new basis the scaling is K-FAC's λ_A[c] ⊗ λ_G[c].
+
+    The state is `EigenbasisRescaling`'s with a leading channel axis: bases
+    (C, n, n) and (C, m, m), eigenvalues (C, n) and (C, m), S (C, n, m), n the
+    window (+1 for the bias) and m the depth multiplier. Forming the per-example
+    gradients costs B·T·C·n·m multiply-adds and B·C·n·m floats.
+    """
+
+    def batch_statistics(self, calls, output_gradients, batch_size, g_scale, example_weights):
+        """[A, G] as K-FAC, S_batch, the basis it was measured in, 1 (one batch)."""
+        rows, outs = self._rows(calls, output_gradients)
+        factors = self._factors(rows, outs, batch_size, g_scale, example_weights)
+        # The gradients carry √wᵢ (as for G), the patches no weight: S = (1/B) Σ wᵢ (·)².
+        a_proj = tf.einsum("btci,cij->btcj", rows, tf.convert_to_tensor(self.a_basis))
+        g_basis = tf.convert_to_tensor(self.g_basis)
+        moments = 0.0
+        for out in outs:
+            g_proj = tf.einsum("btco,cop->btcp", out, g_basis)
+            per_example = tf.einsum("btci,btcp->bcip", a_proj, g_proj)
+            moments += tf.reduce_sum(tf.square(per_example), axis=0)
+        moments *= g_scale / tf.cast(batch_size, tf.float32)
+        return [*factors, moments, tf.convert_to_tensor(self.basis), tf.ones([])]
+
+    def describe(self) -> str:
+        return (f"{super(EigenbasisRescaling, self).describe()}; eigenbases per channel, "
+                f"S {self.channels}x{self.input_size}x{self.multiplier}")
+
+
+@functools.cache
+def _per_channel_variant(block_type: type) -> type:
+    """The EKFAC variant of a depthwise kind (one class per kind)."""
+    return type(f"EKFAC{block_type.__name__}", (PerChannelRescaling, block_type),
+                {"__doc__": f"{block_type.__name__} with EKFAC's rescaling per channel."})

@@ -57,17 +57,19 @@ class EigenbasisRescaling:
         self.kind = f"{self.kind}+ekfac"
 
     def build(self, optimizer) -> None:
+        # Batched factors (C, n, n) and (C, m, m), as the depthwise block's, give
+        # C eigenbases each and S of shape (C, n, m).
         a_shape, g_shape = self.factor_shapes()
         state = functools.partial(add_state, optimizer, self.name)
         self.a_factor = state(self.a_suffix, a_shape, True)
         self.g_factor = state("kfac_G", g_shape, True)
-        self.second_moments = state("ekfac_S", (self.input_size, self.output_size), True)
+        self.second_moments = state("ekfac_S", (*a_shape[:-1], g_shape[-1]), True)
         self.moments_basis = state("ekfac_S_basis", (), True)
         self.moments_count = state("ekfac_S_count", (), True)
         self.a_basis = state("ekfac_A_basis", a_shape)
         self.g_basis = state("ekfac_G_basis", g_shape)
-        self.a_eigenvalues = state("ekfac_A_eigenvalues", (self.input_size,))
-        self.g_eigenvalues = state("ekfac_G_eigenvalues", (self.output_size,))
+        self.a_eigenvalues = state("ekfac_A_eigenvalues", a_shape[:-1])
+        self.g_eigenvalues = state("ekfac_G_eigenvalues", g_shape[:-1])
         self.basis = state("ekfac_basis", ())
         self.damping = state("ekfac_damping", ())
 
@@ -126,7 +128,7 @@ class EigenbasisRescaling:
     def preconditioner(self, refreshed, statistics):
         """[U_A, U_G, S + δ]: S when measured in the current basis, else λ_A ⊗ λ_G."""
         a_vectors, g_vectors, a_values, g_values, basis, damping = refreshed
-        kfac = tf.maximum(a_values, 0.0)[:, None] * tf.maximum(g_values, 0.0)[None, :]
+        kfac = tf.maximum(a_values, 0.0)[..., :, None] * tf.maximum(g_values, 0.0)[..., None, :]
         scaling = tf.where(tf.equal(statistics[3], basis), statistics[2], kfac)
         return [a_vectors, g_vectors, scaling + damping]
 
@@ -143,27 +145,28 @@ class EigenbasisRescaling:
 
 
 def eigenbasis(factor: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(eigenvalues, eigenvectors as columns) of a symmetric factor, in float32.
+    """(eigenvalues, eigenvectors as columns) of a symmetric factor, or of each of
+    a batch of them (..., n, n), in float32.
 
     `tf.linalg.eigh` raises on a non-finite input, so such a factor is replaced
     by I and the results by NaN, which the estimator's refresh rejects (the
-    block keeps its previous basis). The factor is divided by its largest
+    block keeps its previous basis). Each matrix is divided by its largest
     entry first, so that no intermediate overflows.
     """
     factor = symmetrised(tf.cast(factor, tf.float32))
     finite = tf.reduce_all(tf.math.is_finite(factor))
-    scale = tf.where(finite, tf.reduce_max(tf.abs(factor)), 1.0)
+    scale = tf.where(finite, tf.reduce_max(tf.abs(factor), axis=[-2, -1], keepdims=True), 1.0)
     scale = tf.where(scale > 0.0, scale, 1.0)
     eye = tf.eye(tf.shape(factor)[-1], dtype=tf.float32)
     values, vectors = tf.linalg.eigh(tf.where(finite, factor / scale, eye))
     poison = tf.where(finite, 0.0, float("nan"))
-    return values * scale + poison, vectors + poison
+    return values * scale[..., 0] + poison, vectors + poison
 
 
 def supports(block_type: type) -> bool:
-    """Whether a block kind has an EKFAC variant: a `KroneckerBlock` whose
-    statistics are KroneckerBlock's own (rows → A, G; not the depthwise
-    block's batches of factors)."""
+    """Whether a block kind has the generic EKFAC variant: a `KroneckerBlock`
+    whose statistics are KroneckerBlock's own (rows → A, G). The depthwise
+    block's batches of factors have their own variant (`eigenbasis_variant`)."""
     return (issubclass(block_type, KroneckerBlock)
             and block_type.batch_statistics is KroneckerBlock.batch_statistics)
 
