@@ -1,4 +1,5 @@
-"""EKFAC for DepthwiseConv1D/2D against dense NumPy oracles (docs/design.md, oracle 22, §7).
+"""EKFAC for DepthwiseConv1D/2D and the parts of SeparableConv2D against dense NumPy oracles
+(docs/design.md, oracle 22, §7).
 
 Each input channel c of a depthwise convolution has its own weights W̄_c = [the
 kernel slice kernel[..., c, :] as (window, m); its m biases] and its own
@@ -191,24 +192,76 @@ def test_second_moments_carry_the_sample_weights_once(rng):
 
 
 def test_fit_trains_depthwise_convolutions_with_ekfac(rng):
-    """`fit` (a compiled step) with one output per channel (1×1 G_c, the usual depthwise
-    layer) and with two: finite state, no skipped step, the loss goes down."""
+    """`fit` (a compiled step) with a depthwise convolution of one output per channel (1×1
+    G_c, the usual layer) and a separable one of two: finite state, no skipped step, the
+    loss goes down."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 3))
-    h = keras.layers.DepthwiseConv2D(3, padding="same", activation="tanh")(inputs)
-    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, strides=2, activation="tanh")(h)
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.DepthwiseConv2D(3, activation="tanh")(inputs)
+    h = keras.layers.SeparableConv2D(4, 2, depth_multiplier=2, activation="tanh")(h)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(h))
     model = keras.Model(inputs, outputs)
-    x = rng.normal(size=(128, 8, 8, 3)).astype("float32")
+    x = rng.normal(size=(64, 6, 6, 3)).astype("float32")
     y = (x[..., 0].mean((1, 2)) > 0).astype("int32") + (x[..., 1].mean((1, 2)) > 0)
-    opt = tf_kfac.KFAC(curvature="ekfac", inverse_update_interval=4, seed=0)
+    opt = tf_kfac.KFAC(curvature="ekfac", factor_update_interval=2, inverse_update_interval=4,
+                       seed=0)
     model.compile(optimizer=opt,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    history = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history
-    assert [b.kind for b in opt._blocks] == ["depthwise_conv+ekfac"] * 2 + ["dense+ekfac"]
+    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0).history
+    assert [b.kind for b in opt._blocks] == ["depthwise_conv+ekfac", "separable_conv+ekfac",
+                                             "dense+ekfac"]
     assert history["loss"][-1] < 0.9 * history["loss"][0]
     assert int(opt._kfac.state.skipped_steps.numpy()) == 0
     assert float(opt._blocks[0].moments_basis.numpy()) >= 2.0
     for block in opt._blocks:
         for variable in block.state:
             assert np.all(np.isfinite(variable.numpy())), variable.path
+
+
+def test_separable_parts_measure_their_own_second_moments(rng):
+    """SeparableConv2D under EKFAC: the depthwise part's S_c and the pointwise part's S (a
+    Dense layer at every position of the depthwise output, with the bias) each equal the
+    mean over the examples of the Jacobian gradients projected on the part's stored bases
+    and squared, restarted in the new basis (at the default factor_decay, which an
+    average continued across the refresh would show). Negative controls: K-FAC's
+    λ_A ⊗ λ_G, and the squared mean gradient."""
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.SeparableConv2D(3, (2, 2), depth_multiplier=MULTIPLIER,
+                                         name="separable")
+    head = [keras.layers.Activation("tanh"), keras.layers.Flatten(), keras.layers.Dense(3)]
+    model = keras.Sequential([keras.Input((4, 3, CHANNELS)), layer, *head])
+    x = rng.normal(size=(BATCH, 4, 3, CHANNELS)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH).astype("int32")
+    opt = tf_kfac.KFAC(fisher="empirical", factor_update_interval=1,
+                       inverse_update_interval=1000, curvature="ekfac", seed=0)
+    opt.attach(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    opt.step(x, y)
+    block = opt._blocks[0]
+    assert block.kind == "separable_conv+ekfac"
+    assert [p.kind for p in block.parts] == ["depthwise_conv+ekfac", "dense+ekfac"]
+    with tf.GradientTape() as tape:
+        out = layer(x)
+        for part in head:
+            out = part(out)
+        losses = keras.losses.sparse_categorical_crossentropy(y, out, from_logits=True)
+    depthwise_jac, pointwise_jac, bias_jac = (np.asarray(j, np.float64) for j in tape.jacobian(
+        losses, [layer.depthwise_kernel, layer.pointwise_kernel, layer.bias]))
+    bases = [(np.asarray(p.a_basis, np.float64), np.asarray(p.g_basis, np.float64))
+             for p in block.parts]
+    opt.step(x, y)  # S in the bases read above, at the weights of the Jacobians
+    depthwise = np.moveaxis(depthwise_jac.reshape(BATCH, -1, CHANNELS, MULTIPLIER), 2, 1)
+    pointwise = np.concatenate([pointwise_jac.reshape(BATCH, CHANNELS * MULTIPLIER, -1),
+                                bias_jac[:, None]], axis=1)
+    (u_a, u_g), (v_a, v_g) = bases
+    expected = [np.einsum("cji,bcjk,ckl->bcil", u_a, depthwise, u_g) ** 2,
+                np.einsum("ji,bjk,kl->bil", v_a, pointwise, v_g) ** 2]
+    mean_grads = [np.einsum("cji,cjk,ckl->cil", u_a, depthwise.mean(0), u_g) ** 2,
+                  np.einsum("ji,jk,kl->il", v_a, pointwise.mean(0), v_g) ** 2]
+    for part, squares, mean_grad in zip(block.parts, expected, mean_grads, strict=True):
+        assert float(part.moments_basis.numpy()) == float(part.basis.numpy()) == 1.0
+        measured = np.asarray(part.second_moments, np.float64)
+        assert _rel(measured, squares.mean(0)) < 1e-4, part.name
+        products = (np.asarray(part.a_eigenvalues)[..., :, None]
+                    * np.asarray(part.g_eigenvalues)[..., None, :])
+        assert _rel(measured, products) > 1e-2, part.name
+        assert _rel(measured, mean_grad) > 0.1, part.name

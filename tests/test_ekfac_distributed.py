@@ -29,9 +29,20 @@ def _model():
     return keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
 
 
-def _train(strategy, weights, x, y):
+def _separable_model():
+    """A separable convolution: EKFAC per channel on its depthwise part, Dense's on its
+    pointwise part."""
+    return keras.Sequential([
+        keras.Input((3, 3, 2)),
+        keras.layers.SeparableConv2D(3, 2, depth_multiplier=2),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Activation("softmax"),
+    ])
+
+
+def _train(strategy, weights, x, y, build=_model):
     with strategy.scope() if strategy is not None else _nothing():
-        model = _model()
+        model = build()
         model.set_weights(weights)
         model.compile(optimizer=tf_kfac.KFAC(
             fisher="exact", curvature="ekfac", damping=DAMPING, factor_update_interval=1,
@@ -90,6 +101,29 @@ def test_two_replicas_equal_one_device_with_ekfac(one_device, mirrored, rel_err)
     moved = max(np.abs(w.numpy() - w0).max()
                 for w, w0 in zip(single.trainable_variables, weights, strict=True))
     assert moved > 1e-3  # it trained
+
+
+def test_two_replicas_equal_one_device_for_the_parts_of_a_separable_convolution(
+        mirrored, rng, rel_err):
+    """Each part of a separable block, the depthwise one (S of C × n × m) and the pointwise
+    one, has its S at its own offset among the block's statistics: weights and statistics
+    equal one device's, and S is the same on both replicas."""
+    x = rng.normal(size=(GLOBAL_BATCH * STEPS, 3, 3, 2)).astype("float32")
+    y = rng.integers(0, 3, size=(GLOBAL_BATCH * STEPS,))
+    weights = _separable_model().get_weights()
+    single = _train(None, weights, x, y, _separable_model)
+    model = _train(mirrored, weights, x, y, _separable_model)
+    for w1, w2 in zip(single.trainable_variables, model.trainable_variables, strict=True):
+        assert rel_err(w2.numpy(), w1.numpy()) < 1e-4, w1.path
+    (block1,), (block2,) = single.optimizer._blocks, model.optimizer._blocks
+    assert [p.kind for p in block2.parts] == ["depthwise_conv+ekfac", "dense+ekfac"]
+    assert block2.synchronized_statistics == (2, 3, 4, 7, 8, 9)
+    for part1, part2 in zip(block1.parts, block2.parts, strict=True):
+        assert float(part2.moments_basis.numpy()) == float(part2.basis.numpy()) == 2.0
+        for v1, v2 in zip(part1.statistics, part2.statistics, strict=True):
+            assert rel_err(v2.numpy(), v1.numpy()) < 1e-4, v1.path
+        first, second = _copies(mirrored, part2.second_moments)
+        np.testing.assert_array_equal(first, second)
 
 
 def test_replica_local_rescaling_is_caught(one_device, mirrored, rel_err, monkeypatch):

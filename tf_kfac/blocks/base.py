@@ -232,6 +232,12 @@ class PartsBlock(CurvatureBlock):
             start += count
         return out
 
+    def moving_average(self, old, new, decay):
+        return [value for part, old_share, new_share in zip(
+                    self.parts, self.shares(old, "statistics"), self.shares(new, "statistics"),
+                    strict=True)
+                for value in part.moving_average(old_share, new_share, decay)]
+
     def refresh(self, statistics, gamma):
         return [value for part, share in zip(self.parts, self.shares(statistics, "statistics"),
                                              strict=True)

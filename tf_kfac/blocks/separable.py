@@ -10,6 +10,7 @@ import tensorflow as tf
 from tf_kfac.blocks.base import PartsBlock
 from tf_kfac.blocks.dense import DenseBlock
 from tf_kfac.blocks.depthwise import DepthwiseConvBlock
+from tf_kfac.blocks.ekfac import block_for
 from tf_kfac.capture import LayerCall
 
 
@@ -27,6 +28,8 @@ class SeparableConvBlock(PartsBlock):
     """
 
     kind = "separable_conv"
+    # The curvature of the parts: "ekfac" in `EKFACSeparableConvBlock`.
+    curvature = "kfac"
 
     def __init__(self, layer: keras.layers.Layer):
         variables = [layer.depthwise_kernel, layer.pointwise_kernel]
@@ -34,11 +37,19 @@ class SeparableConvBlock(PartsBlock):
         super().__init__(layer, variables)
         common = dict(strides=layer.strides, dilation_rate=layer.dilation_rate,
                       padding=layer.padding, data_format="channels_last")
-        self.depthwise = DepthwiseConvBlock(types.SimpleNamespace(
-            kernel=layer.depthwise_kernel, bias=None, path=f"{layer.path}/depthwise", **common))
-        self.pointwise = DenseBlock(types.SimpleNamespace(
-            kernel=layer.pointwise_kernel, bias=layer.bias, path=f"{layer.path}/pointwise"))
+        self.depthwise = block_for(DepthwiseConvBlock, types.SimpleNamespace(
+            kernel=layer.depthwise_kernel, bias=None, path=f"{layer.path}/depthwise",
+            **common), self.curvature)
+        self.pointwise = block_for(DenseBlock, types.SimpleNamespace(
+            kernel=layer.pointwise_kernel, bias=layer.bias, path=f"{layer.path}/pointwise"),
+            self.curvature)
         self.parts = (self.depthwise, self.pointwise)
+
+    @classmethod
+    def eigenbasis_variant(cls) -> type | None:
+        """Each part its EKFAC variant (`EKFACSeparableConvBlock`), for this kind only
+        (a subclass keeps its own blocks)."""
+        return EKFACSeparableConvBlock if cls is SeparableConvBlock else None
 
     @classmethod
     def obstacle(cls, layer, trainable_ids):
@@ -69,9 +80,16 @@ class SeparableConvBlock(PartsBlock):
                 *self.pointwise.batch_statistics(middle, pointwise_grads, batch_size, g_scale,
                                                  example_weights)]
 
+    def preconditioner(self, refreshed, statistics):
+        """[the depthwise part's, the pointwise part's] own preconditioner values."""
+        return [part.preconditioner(values, averages) for part, values, averages in zip(
+            self.parts, self.shares(refreshed, "refreshed"), self.shares(statistics, "statistics"),
+            strict=True)]
+
     def precondition(self, gradients, refreshed, loss_scale):
-        return [*self.depthwise.precondition(gradients[:1], refreshed[:2], loss_scale),
-                *self.pointwise.precondition(gradients[1:], refreshed[2:], loss_scale)]
+        depthwise, pointwise = refreshed
+        return [*self.depthwise.precondition(gradients[:1], depthwise, loss_scale),
+                *self.pointwise.precondition(gradients[1:], pointwise, loss_scale)]
 
     def kronecker_factors(self) -> tuple[tuple[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
         """((A, G) of the depthwise part, (A, G) of the pointwise part)."""
@@ -79,3 +97,12 @@ class SeparableConvBlock(PartsBlock):
 
     def describe(self) -> str:
         return f"depthwise {self.depthwise.describe()}; pointwise {self.pointwise.describe()}"
+
+
+class EKFACSeparableConvBlock(SeparableConvBlock):
+    """A separable convolution under `curvature="ekfac"`: the depthwise part gets
+    EKFAC per channel (`PerChannelRescaling`), the pointwise part the Dense kind's
+    EKFAC variant, each from its own recorded rows; they stay independent."""
+
+    kind = "separable_conv+ekfac"
+    curvature = "ekfac"
