@@ -353,3 +353,11 @@ def test_non_finite_logits_skip_the_sampled_step(loss):
     assert history.history["skipped_steps"] == [1]
     for new, old in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "damping", "kl_clip", "l2_reg", "max_damping"])
+def test_a_value_beyond_float32_is_refused(name):
+    """A finite float64 above float32's largest value would be stored as inf in the float32
+    state (found by the property tests: learning_rate=3.4028235677973366e38)."""
+    with pytest.raises(ValueError, match=name):
+        tf_kfac.KFAC(**{name: 3.4028235677973366e38})

@@ -10,6 +10,7 @@ The number of examples is fixed so that the run time is bounded.
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -81,10 +82,11 @@ def test_a_constructed_optimizer_trains_to_finite_state(name, value, adaptive):
     _train_one_step(opt)
 
 
-def test_the_fuzzing_ran(capsys):
-    """Prints how many draws were tried and constructed (shown with pytest -s)."""
+def test_the_fuzzing_ran():
+    """Reports how many draws were tried and constructed, as a warning in pytest's summary
+    (which also reaches it from a pytest-xdist worker)."""
     if CONSTRUCTED[0] == 0:
         pytest.skip("run together with the property tests above")
-    with capsys.disabled():
-        print(f"\nhyperparameter draws: {CONSTRUCTED[0]} tried, {CONSTRUCTED[1]} constructed, "
-              f"{CONSTRUCTED[0] - CONSTRUCTED[1]} refused with a ValueError")
+    warnings.warn(f"hyperparameter draws: {CONSTRUCTED[0]} tried, {CONSTRUCTED[1]} "
+                  f"constructed, {CONSTRUCTED[0] - CONSTRUCTED[1]} refused with a ValueError",
+                  stacklevel=1)

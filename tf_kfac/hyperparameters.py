@@ -49,11 +49,17 @@ def is_schedule(value: Any) -> bool:
     )
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+
+
 def _number(name: str, value: Any, low: float, high: float | None, closed_low: bool):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number; received {name}={value!r}.")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number; received {name}={value!r}.")
+    if abs(value) > _FLOAT32_MAX:  # it would be stored as inf in K-FAC's float32 state
+        raise ValueError(f"`{name}` must be within float32's range (at most "
+                         f"{_FLOAT32_MAX:.6g}); received {name}={value!r}.")
     ok = value >= low if closed_low else value > low
     if high is not None:
         ok = ok and value < high
