@@ -219,11 +219,10 @@ class CurvatureEstimator:
         `synchronized_statistics`, which are the same on every replica already."""
         local = [[i for i in range(len(values)) if i not in block.synchronized_statistics]
                  for block, values in zip(self.curvature_blocks, statistics, strict=True)]
-        means = distribute.all_reduce_each_when(
-            due, "mean", [lambda v=v, keep=keep: [v[i] for i in keep]
-                          for v, keep in zip(statistics, local, strict=True)],
-            [lambda v=v, keep=keep: [v[i] for i in keep]
-             for v, keep in zip(statistics, local, strict=True)])
+        # Blocks that are not due send nothing, and keep their own values.
+        picks = [lambda v=v, keep=keep: [v[i] for i in keep]
+                 for v, keep in zip(statistics, local, strict=True)]
+        means = distribute.all_reduce_each_when(due, "mean", picks, picks)
         out = [list(values) for values in statistics]
         for block_out, keep, block_means in zip(out, local, means, strict=True):
             for i, mean in zip(keep, block_means, strict=True):

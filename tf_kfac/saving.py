@@ -147,8 +147,7 @@ def _sync_directory(directory: str) -> None:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot sync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
